@@ -1,0 +1,308 @@
+"""`BALoRAConfig`: every BA-LoRA setting, its presets, validation and (de)serialisation.
+
+The fields follow `../shared/BALORA_SPEC.md` (our statement of arXiv:2408.04556). Each field carries
+its help text in ``metadata["help"]`` (the PEFT/TRL convention), which the axolotl args model and
+the README's key table reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+CONFIG_NAME = "balora_config.json"
+
+TASKS = ("nlg", "nlu")
+FORMULATIONS = ("iclr2026", "v5")
+SVD_NORMS = ("auto", "frobenius", "nuclear")
+CONSISTENCY_SCHEDULES = ("constant", "cosine")
+REGULARIZER_SCHEDULES = ("constant", "warmup")
+REFERENCES = ("auto", "adapter_snapshot", "disabled_adapter", "model")
+ON_NONFINITE = ("skip", "raise")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class BALoRAConfig:
+    """Configuration of the BA-LoRA regularisers.
+
+    Total loss ``L = L_task + λ1·L_CR + λ2·L_DR + λ3·L_SVD`` (SPEC §3). Build one with
+    ``BALoRAConfig(...)`` or ``BALoRAConfig.from_preset("iclr2026-nlg", **overrides)``.
+    """
+
+    task: str = _help("`nlg` (causal LM, token-level terms) or `nlu` (sequence classification).", default="nlg")
+    formulation: str = _help(
+        "`iclr2026` (current paper / llm172 code: tempered KL, top-K entropy, Frobenius-normalised SVD) "
+        "or `v5` (paper v1-v5: plain KL / MSE, full entropy, nuclear-normalised SVD).",
+        default="iclr2026",
+    )
+    lambda_consistency: float = _help("λ1, weight of the consistency term L_CR.", default=0.025)
+    lambda_diversity: float = _help("λ2, weight of the diversity term L_DR.", default=0.005)
+    lambda_svd: float = _help("λ3, weight of the SVD term L_SVD.", default=0.005)
+    svd_top_k: int = _help("k, the number of top singular values the SVD term concentrates on.", default=10)
+    diversity_top_k: int = _help(
+        "K, the entropy (NLG) uses the K largest logits of each position, renormalised; 0 = full vocabulary.",
+        default=20,
+    )
+    temperature: float = _help("T of the consistency KL (the loss is T²·KL of the tempered softmaxes).", default=2.0)
+    svd_norm: str = _help(
+        "Denominator of the SVD share: `frobenius` (‖Z‖_F), `nuclear` (Σσ) or `auto` "
+        "(iclr2026: frobenius for nlg, nuclear for nlu; v5: nuclear).",
+        default="auto",
+    )
+    consistency_schedule: str = _help(
+        "`constant`, or `cosine`: λ1 decays by a cosine from λ1 to cosine_final_ratio·λ1 over training.",
+        default="constant",
+    )
+    cosine_final_ratio: float = _help("Final fraction of λ1 under the cosine schedule.", default=0.1)
+    regularizer_schedule: str = _help(
+        "`constant`, or `warmup`: λ2 and λ3 are 0 for the first warmup_start of training, "
+        "then ramp linearly to full value over the next warmup_ramp.",
+        default="constant",
+    )
+    warmup_start: float = _help("Fraction of training during which λ2 = λ3 = 0 (warmup schedule).", default=0.2)
+    warmup_ramp: float = _help("Fraction of training over which λ2, λ3 ramp up (warmup schedule).", default=0.05)
+    reference: str = _help(
+        "Reference for the consistency term: `auto` (snapshot for PiSSA-like inits, disabled adapter otherwise), "
+        "`adapter_snapshot` (frozen copy of the initial adapter), `disabled_adapter`, or `model` "
+        "(a separate reference model you pass).",
+        default="auto",
+    )
+    chunk_size: int = _help(
+        "Token positions per chunk in the fused NLG path; peak extra memory ≈ chunk_size × |V| × 4 bytes × a few.",
+        default=256,
+    )
+    shift_labels: bool = _help(
+        "Use the position whose *next* token is labelled (correct). False reproduces the authors' unshifted mask.",
+        default=True,
+    )
+    on_nonfinite: str = _help(
+        "What to do when a term is NaN/Inf: `skip` it for that step with a warning (counted in balora/skipped_*) "
+        "or `raise`.",
+        default="skip",
+    )
+    eps: float = _help("Added to the SVD denominators.", default=1e-8)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("formulation", self.formulation, FORMULATIONS)
+        _choice("svd_norm", self.svd_norm, SVD_NORMS)
+        _choice("consistency_schedule", self.consistency_schedule, CONSISTENCY_SCHEDULES)
+        _choice("regularizer_schedule", self.regularizer_schedule, REGULARIZER_SCHEDULES)
+        _choice("reference", self.reference, REFERENCES)
+        _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
+            v = _number(name, getattr(self, name))
+            if v < 0:
+                raise ValueError(f"BALoRAConfig.{name}={v!r} is negative; weights must be >= 0 (0 switches the term off).")
+        _integer("svd_top_k", self.svd_top_k, minimum=1, fix="k counts singular values; use 1 or more")
+        _integer("diversity_top_k", self.diversity_top_k, minimum=0, fix="use 0 for the full vocabulary or K >= 1")
+        _integer("chunk_size", self.chunk_size, minimum=1, fix="use e.g. 256")
+        t = _number("temperature", self.temperature)
+        if not t > 0:
+            raise ValueError(f"BALoRAConfig.temperature={t!r} must be > 0 (the paper uses 2.0; 1.0 = no tempering).")
+        for name in ("cosine_final_ratio", "warmup_start", "warmup_ramp"):
+            v = _number(name, getattr(self, name))
+            if not 0 <= v <= 1:
+                raise ValueError(f"BALoRAConfig.{name}={v!r} must lie in [0, 1] (a fraction of training).")
+        if self.warmup_start + self.warmup_ramp > 1:
+            raise ValueError(
+                f"BALoRAConfig.warmup_start + warmup_ramp = {self.warmup_start + self.warmup_ramp!r} exceeds 1; "
+                "the ramp must finish within training."
+            )
+        e = _number("eps", self.eps)
+        if not e > 0:
+            raise ValueError(f"BALoRAConfig.eps={e!r} must be > 0 (it guards the SVD denominators).")
+        if not isinstance(self.shift_labels, bool):
+            raise ValueError(f"BALoRAConfig.shift_labels={self.shift_labels!r} must be True or False.")
+        if not self.shift_labels and self.task == "nlu":
+            raise ValueError("BALoRAConfig.shift_labels=False only applies to task='nlg' (token positions).")
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def consistency_kind(self) -> str:
+        """`kl` (tempered for iclr2026) or `mse` (v5 NLU)."""
+        return "mse" if (self.formulation == "v5" and self.task == "nlu") else "kl"
+
+    @property
+    def consistency_temperature(self) -> float:
+        return 1.0 if self.formulation == "v5" else float(self.temperature)
+
+    @property
+    def diversity_kind(self) -> str:
+        return "entropy" if self.task == "nlg" else "decorrelation"
+
+    @property
+    def entropy_top_k(self) -> int:
+        return 0 if self.formulation == "v5" else int(self.diversity_top_k)
+
+    @property
+    def resolved_svd_norm(self) -> str:
+        if self.svd_norm != "auto":
+            return self.svd_norm
+        if self.formulation == "iclr2026" and self.task == "nlg":
+            return "frobenius"
+        return "nuclear"
+
+    @property
+    def lambdas(self) -> dict[str, float]:
+        return {"consistency": self.lambda_consistency, "diversity": self.lambda_diversity, "svd": self.lambda_svd}
+
+    def lambdas_at(self, progress: float) -> dict[str, float]:
+        """The three weights at ``progress`` = global_step / max_steps in [0, 1] (SPEC §3.1 schedules)."""
+        p = min(max(float(progress), 0.0), 1.0)
+        lam = self.lambdas
+        if self.consistency_schedule == "cosine":
+            r = self.cosine_final_ratio
+            lam["consistency"] *= r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p))
+        if self.regularizer_schedule == "warmup":
+            if p < self.warmup_start:
+                f = 0.0
+            elif self.warmup_ramp == 0 or p >= self.warmup_start + self.warmup_ramp:
+                f = 1.0
+            else:
+                f = (p - self.warmup_start) / self.warmup_ramp
+            lam["diversity"] *= f
+            lam["svd"] *= f
+        return lam
+
+    def check_num_classes(self, num_classes: int) -> bool:
+        """Warn (and return False) when the NLU SVD share is identically 1 for ``num_classes`` classes."""
+        if self.task == "nlu" and self.lambda_svd > 0 and self.svd_top_k >= num_classes:
+            warnings.warn(
+                f"BALoRAConfig.svd_top_k={self.svd_top_k} >= number of classes ({num_classes}): the NLU SVD share "
+                "Σ_{i≤k}σ_i/Σσ is identically 1, so lambda_svd has no effect and is skipped. "
+                f"Set svd_top_k < {num_classes} or lambda_svd=0.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return False
+        return True
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> BALoRAConfig:
+        """A named paper setting (see :data:`PRESETS`), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown BA-LoRA preset {name!r}; choose one of {sorted(PRESETS)}.")
+        values = dict(PRESETS[name])
+        _check_keys(overrides, f"BALoRAConfig.from_preset({name!r}, ...)")
+        values.update(overrides)
+        return cls(**values)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BALoRAConfig:
+        data = dict(data)
+        preset = data.pop("preset", None)
+        _check_keys(data, "BALoRAConfig.from_dict")
+        if preset is not None:
+            return cls.from_preset(preset, **data)
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> BALoRAConfig:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write ``balora_config.json`` into ``directory`` (created if needed); returns the path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> BALoRAConfig:
+        return cls.from_json(os.path.join(directory, CONFIG_NAME))
+
+    @classmethod
+    def coerce(cls, value: BALoRAConfig | str | dict | None, **defaults: Any) -> BALoRAConfig:
+        """Accept a config, a preset name, a dict, or None (the default ``iclr2026-nlg`` preset)."""
+        if isinstance(value, BALoRAConfig):
+            return value
+        if value is None:
+            return cls.from_preset("iclr2026-nlg", **defaults)
+        if isinstance(value, str):
+            return cls.from_preset(value)
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise ValueError(
+            f"balora_config={value!r} (a {type(value).__name__}) is not a BALoRAConfig, preset name or dict; "
+            f"pass e.g. BALoRAConfig.from_preset('iclr2026-nlg')."
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Current paper (ICLR 2026) and llm172/BA-LoRA training script, with its weight schedules.
+    "iclr2026-nlg": dict(
+        task="nlg", formulation="iclr2026", lambda_consistency=0.025, lambda_diversity=0.005, lambda_svd=0.005,
+        svd_top_k=10, diversity_top_k=20, temperature=2.0, svd_norm="frobenius",
+        consistency_schedule="cosine", regularizer_schedule="warmup",
+    ),
+    "iclr2026-nlu": dict(
+        task="nlu", formulation="iclr2026", lambda_consistency=0.15, lambda_diversity=0.03, lambda_svd=0.03,
+        svd_top_k=5, temperature=2.0, svd_norm="nuclear",
+    ),
+    # Paper v1-v5 (cyp-jlu-ai/BA-LoRA, 2024).
+    "v5-nlg": dict(
+        task="nlg", formulation="v5", lambda_consistency=1e-4, lambda_diversity=3e-4, lambda_svd=1e-4,
+        svd_top_k=3, diversity_top_k=0, temperature=1.0, svd_norm="nuclear",
+    ),
+    "v5-nlu": dict(
+        task="nlu", formulation="v5", lambda_consistency=1e-4, lambda_diversity=3e-4, lambda_svd=1e-4,
+        svd_top_k=3, temperature=1.0, svd_norm="nuclear",
+    ),
+}
+"""Named settings; ``iclr2026-*`` are the defaults of the current paper (SPEC §3.1), ``v5-*`` the earlier
+formulation (SPEC §3.2)."""
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in fields(BALoRAConfig)}
+
+
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(data) - _field_names())
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(_field_names())}.")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"BALoRAConfig.{name}={value!r} is not allowed; choose one of {list(allowed)}.")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"BALoRAConfig.{name}={value!r} must be a finite number.")
+    return float(value)
+
+
+def _integer(name: str, value: Any, *, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"BALoRAConfig.{name}={value!r} must be an integer; {fix}.")
+    if value < minimum:
+        raise ValueError(f"BALoRAConfig.{name}={value!r} must be >= {minimum}; {fix}.")

@@ -1,0 +1,162 @@
+"""Export a PiSSA-trained adapter as a plain LoRA adapter that serves on the untouched base model.
+
+With the frozen base W_res = W − s·B₀A₀ and the trained adapter (B, A), the served weight is
+W_res + s·BA = W + s·(BA − B₀A₀). The difference is a rank-2r LoRA: A' = [A; A₀], B' = [B, −B₀], with the
+same scaling s (so α' = 2α for ``α/r`` scaling, α' = √2·α for rsLoRA). This is PEFT's
+``path_initial_model_for_weight_conversion`` computed on state dicts, so it needs no base model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import CONFIG_NAME
+from .reference import REF_ADAPTER, adapter_state
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+INITIAL_DIR = "balora_initial_adapter"
+
+
+def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{directory!r} holds no {ADAPTER_CONFIG}; pass a PEFT adapter directory.")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if os.path.isfile(weights):
+        return cfg, load_file(weights)
+    legacy = os.path.join(directory, "adapter_model.bin")
+    if os.path.isfile(legacy):
+        return cfg, torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory!r} holds no {ADAPTER_WEIGHTS}.")
+
+
+def find_initial_adapter(adapter_dir: str) -> str | None:
+    """Where the initial (step-0) adapter of ``adapter_dir`` was saved, if anywhere."""
+    for cand in (os.path.join(adapter_dir, INITIAL_DIR), os.path.join(adapter_dir, REF_ADAPTER)):
+        if os.path.isfile(os.path.join(cand, ADAPTER_CONFIG)):
+            return cand
+    return None
+
+
+def convert_state_dicts(
+    trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rank-2r plain-LoRA weights from trained and initial PiSSA weights (PEFT's saved key layout)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in trained.items():
+        if "lora_A" in key:
+            out[key] = torch.cat([value, initial[key].to(value.dtype)], dim=0)
+        elif "lora_B" in key:
+            out[key] = torch.cat([value, -initial[key].to(value.dtype)], dim=1)
+        elif "lora_embedding_A" in key:
+            out[key] = torch.cat([value, initial[key].to(value.dtype)], dim=0)
+        elif "lora_embedding_B" in key:
+            out[key] = torch.cat([value, -initial[key].to(value.dtype)], dim=1)
+        else:
+            out[key] = value
+    return out
+
+
+def plain_lora_config(cfg: dict) -> dict:
+    cfg = dict(cfg)
+    cfg["init_lora_weights"] = True
+    cfg["r"] = 2 * cfg["r"]
+    cfg["lora_alpha"] = cfg["lora_alpha"] * (math.sqrt(2) if cfg.get("use_rslora") else 2)
+    for pat in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(pat):
+            factor = 2 if pat == "rank_pattern" or not cfg.get("use_rslora") else math.sqrt(2)
+            cfg[pat] = {k: v * factor for k, v in cfg[pat].items()}
+    return cfg
+
+
+def export_plain_lora(adapter_dir: str, out_dir: str, *, initial_dir: str | None = None, overwrite: bool = False) -> str:
+    """Write a plain LoRA adapter for ``adapter_dir`` into ``out_dir`` and return ``out_dir``.
+
+    ``initial_dir`` defaults to the initial adapter saved beside the trained one (``balora_initial_adapter/``).
+    An adapter trained with ordinary LoRA init is copied unchanged (it already serves on the base model).
+    Refuses to write into a non-empty ``out_dir`` unless ``overwrite``.
+    """
+    cfg, trained = _read_adapter(adapter_dir)
+    _check_out(out_dir, overwrite)
+    init = cfg.get("init_lora_weights", True)
+    residual = isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
+    if residual:
+        initial_dir = initial_dir or find_initial_adapter(adapter_dir)
+        if initial_dir is None:
+            raise FileNotFoundError(
+                f"{adapter_dir!r} was trained with init_lora_weights={init!r} but its initial adapter is missing; "
+                f"BA-LoRA saves it as {INITIAL_DIR}/ beside the adapter. Pass initial_dir=... (the step-0 adapter)."
+            )
+        _, initial = _read_adapter(initial_dir)
+        missing = sorted(k for k in trained if "lora_" in k and k not in initial)
+        if missing:
+            raise ValueError(f"initial adapter {initial_dir!r} lacks {len(missing)} LoRA tensors, e.g. {missing[0]!r}")
+        trained, cfg = convert_state_dicts(trained, initial), plain_lora_config(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in trained.items()}, os.path.join(out_dir, ADAPTER_WEIGHTS))
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    for extra in (CONFIG_NAME, "README.md"):
+        src = os.path.join(adapter_dir, extra)
+        if os.path.isfile(src):
+            shutil.copy(src, os.path.join(out_dir, extra))
+    return out_dir
+
+
+def save_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADAPTER, source: str = "default") -> str:
+    """Save the frozen step-0 adapter (the reference snapshot) as a loadable PEFT adapter in ``directory``.
+
+    Its config keeps the trained adapter's settings but says ``init_lora_weights=True`` and uses the key
+    layout of ``source`` so :func:`convert_state_dicts` can pair the tensors.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    os.makedirs(directory, exist_ok=True)
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(directory, ADAPTER_WEIGHTS))
+    cfg = peft_model.peft_config[source].to_dict()
+    cfg["init_lora_weights"] = True
+    cfg["inference_mode"] = True
+    for k, v in list(cfg.items()):
+        if isinstance(v, set):
+            cfg[k] = sorted(v)
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True, default=str)
+    return directory
+
+
+def load_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADAPTER) -> None:
+    """Restore the reference snapshot from a saved initial adapter (used on resume)."""
+    from peft.utils import set_peft_model_state_dict
+
+    _, state = _read_adapter(directory)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    for n, p in peft_model.named_parameters():
+        p.requires_grad_(n in trainable)
+
+
+def _check_out(out_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir!r} is not empty; choose another directory or pass overwrite=True (--overwrite).")
+
+
+__all__ = [
+    "export_plain_lora",
+    "convert_state_dicts",
+    "plain_lora_config",
+    "save_initial_adapter",
+    "load_initial_adapter",
+    "find_initial_adapter",
+    "adapter_state",
+    "INITIAL_DIR",
+]

@@ -1,0 +1,35 @@
+"""pluggy hook specifications: how a regulariser term joins the BA-LoRA objective.
+
+The three built-in terms (:mod:`balora_plugins.core.terms`) are registered exactly like a third-party
+package's: through the ``balora_plugins`` entry-point group. To add a term without forking, ship a module
+with a ``@hookimpl``-decorated ``balora_terms`` function and declare it in your ``pyproject.toml``::
+
+    [project.entry-points.balora_plugins]
+    my_term = "my_package.my_module"
+
+or register an object at run time with ``balora_plugins.core.plugins.plugin_manager().register(obj)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ..config import BALoRAConfig
+    from .terms import Term
+
+PROJECT = "balora_plugins"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def balora_terms(config: BALoRAConfig) -> list[Term] | None:
+    """Return the :class:`~balora_plugins.core.terms.Term` objects this plugin adds for ``config``.
+
+    Each term states its level (``"row"``: a per-row function of the logits and reference logits, computed
+    chunk by chunk; ``"matrix"``: a per-micro-batch statistic of the whole logits matrix), its weight, and its
+    maths. Return ``None`` or ``[]`` to add nothing for this config.
+    """

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models built in the test (no downloads, seconds each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 4):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def lora(model, init="pissa", r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=init, **kw)
+    return get_peft_model(model, cfg)
+
+
+def batch(b=2, t=12, seed=0, vocab=VOCAB, prompt=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    attn = torch.ones_like(ids)
+    if b > 1:  # right padding on the last row
+        ids[-1, -3:] = 0
+        labels[-1, -3:] = -100
+        attn[-1, -3:] = 0
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def pissa_llama():
+    return lora(tiny_llama(), init="pissa")
