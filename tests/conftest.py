@@ -27,6 +27,25 @@ def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = True):
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_tokenizer(vocab: int = VOCAB):
+    """A word-level tokenizer built in memory: <pad>=0, <s>=1, </s>=2, then 'a'..'z', digits, words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    return fast
+
+
 def tiny_bert_classifier(seed: int = 0, num_labels: int = 4):
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -21,7 +21,7 @@ from .reference import REF_ADAPTER, adapter_state
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-INITIAL_DIR = "balora_initial_adapter"
+INITIAL_DIR = REF_ADAPTER  # PEFT saves the snapshot adapter in this sub-folder too
 
 
 def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -41,10 +41,8 @@ def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def find_initial_adapter(adapter_dir: str) -> str | None:
     """Where the initial (step-0) adapter of ``adapter_dir`` was saved, if anywhere."""
-    for cand in (os.path.join(adapter_dir, INITIAL_DIR), os.path.join(adapter_dir, REF_ADAPTER)):
-        if os.path.isfile(os.path.join(cand, ADAPTER_CONFIG)):
-            return cand
-    return None
+    cand = os.path.join(adapter_dir, INITIAL_DIR)
+    return cand if os.path.isfile(os.path.join(cand, ADAPTER_CONFIG)) else None
 
 
 def convert_state_dicts(
@@ -81,7 +79,7 @@ def plain_lora_config(cfg: dict) -> dict:
 def export_plain_lora(adapter_dir: str, out_dir: str, *, initial_dir: str | None = None, overwrite: bool = False) -> str:
     """Write a plain LoRA adapter for ``adapter_dir`` into ``out_dir`` and return ``out_dir``.
 
-    ``initial_dir`` defaults to the initial adapter saved beside the trained one (``balora_initial_adapter/``).
+    ``initial_dir`` defaults to the initial adapter saved in its ``balora_ref/`` sub-folder.
     An adapter trained with ordinary LoRA init is copied unchanged (it already serves on the base model).
     Refuses to write into a non-empty ``out_dir`` unless ``overwrite``.
     """
@@ -94,7 +92,7 @@ def export_plain_lora(adapter_dir: str, out_dir: str, *, initial_dir: str | None
         if initial_dir is None:
             raise FileNotFoundError(
                 f"{adapter_dir!r} was trained with init_lora_weights={init!r} but its initial adapter is missing; "
-                f"BA-LoRA saves it as {INITIAL_DIR}/ beside the adapter. Pass initial_dir=... (the step-0 adapter)."
+                f"BA-LoRA saves it in the sub-folder {INITIAL_DIR}/. Pass initial_dir=... (the step-0 adapter)."
             )
         _, initial = _read_adapter(initial_dir)
         missing = sorted(k for k in trained if "lora_" in k and k not in initial)

@@ -167,8 +167,9 @@ class BALoRAObjective:
         if self.mode == "model":
             with torch.no_grad():
                 return self.ref_model(**fwd).logits
-        with ref.reference_mode(ref.unwrap(model), self.mode):
-            return model(**fwd).logits
+        inner = ref.unwrap(model)
+        with ref.reference_mode(inner, self.mode):
+            return inner(**fwd).logits
 
     # ------------------------------------------------------------------ the loss
     def compute(
@@ -198,7 +199,7 @@ class BALoRAObjective:
         weights = {t.name: t.weight(lambdas) for t in self.terms}
         metrics: dict[str, float] = {f"balora/lambda_{k}": v for k, v in weights.items()}
         if self.config.task == "nlg":
-            rows, ref_rows, view, by_items = self._nlg_rows(model, inputs, weights)
+            rows, ref_rows, view, by_items = self._nlg_rows(model, inputs, weights, metrics)
         else:
             rows, ref_rows, view, by_items = self._nlu_rows(model, inputs, logits, weights)
         device = rows.device if rows is not None else torch.device("cpu")
@@ -241,7 +242,7 @@ class BALoRAObjective:
             terms = [t for t in terms if t not in bad]  # recompute without the non-finite terms
         return rows.new_zeros((), dtype=torch.float32)
 
-    def _nlg_rows(self, model, inputs, weights):
+    def _nlg_rows(self, model, inputs, weights, metrics):
         if self._captured is None:
             raise RuntimeError(
                 "BA-LoRA saw no decoder forward for this micro-batch: call objective.compute right after the "
@@ -251,7 +252,7 @@ class BALoRAObjective:
         mask = self._valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
         if not bool(mask.any()):
-            self._finite("no_valid_rows", torch.tensor(float("nan")), {})
+            self._finite("no_valid_rows", torch.tensor(float("nan")), metrics)
             self._captured = None
             return None, None, None, True
         rows = hidden[mask]

@@ -1,0 +1,126 @@
+"""The one transformers-``Trainer`` integration every adapter shares.
+
+:class:`BALoRATrainerMixin` adds BA-LoRA to any ``transformers.Trainer`` subclass by overriding as little as
+possible: ``compute_loss`` (adds the regulariser to the host's loss, scaled like it), ``log`` (merges the
+``balora/...`` metrics into the logs every ``report_to`` backend sees), ``_save`` (writes the BA-LoRA config and
+the initial adapter beside every checkpoint), ``save_model`` (adds a plain-LoRA export) and
+``_load_from_checkpoint`` (restores the reference from the checkpoint on resume).
+
+The TRL trainer and the axolotl trainer inherit it; the callback mixes it into an existing trainer instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from .config import BALoRAConfig
+from .core.export import INITIAL_DIR, export_plain_lora, find_initial_adapter, load_initial_adapter, save_initial_adapter
+from .core.objective import BALoRAObjective, LossScaling
+from .core.reference import REF_ADAPTER, has_residual_base, unwrap
+
+logger = logging.getLogger(__name__)
+
+PLAIN_LORA_DIR = "plain_lora"
+_SAVED_KEYS = ("labels", "position_ids", "shift_labels")
+
+
+class BALoRATrainerMixin:
+    """Mix in *before* a ``transformers.Trainer`` subclass: ``class T(BALoRATrainerMixin, SFTTrainer)``.
+
+    Call :meth:`_balora_setup` once the host ``__init__`` has wrapped the model with PEFT.
+    """
+
+    balora: BALoRAObjective
+
+    def _balora_setup(
+        self, balora_config: BALoRAConfig | str | dict | None, ref_model=None, extra_plugins=()
+    ) -> None:
+        self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
+        self._balora_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.balora.prepare(self.model)
+
+    # ------------------------------------------------------------------ loss
+    def _balora_progress(self) -> float:
+        state = getattr(self, "state", None)
+        if state is None or not getattr(state, "max_steps", 0):
+            return 0.0
+        return state.global_step / state.max_steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        saved = {k: inputs[k] for k in _SAVED_KEYS if k in inputs}  # the host may pop labels
+        nlu = self.balora.config.task == "nlu"
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs or nlu, num_items_in_batch=num_items_in_batch
+        )
+        loss, outputs = result if (return_outputs or nlu) else (result, None)
+        training = unwrap(model).training
+        batch = {**inputs, **saved}
+        logits = outputs["logits"] if nlu else None
+        scaling = LossScaling.from_trainer(self, num_items_in_batch) if training else LossScaling()
+        reg, metrics = self.balora.compute(model, batch, logits=logits, scaling=scaling, progress=self._balora_progress())
+        store = self._balora_metrics["train" if training else "eval"]
+        for k, v in metrics.items():
+            store[k].append(v)
+        if training:
+            loss = loss + reg.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        store = self._balora_metrics[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        for k, vals in store.items():
+            if vals:
+                logs[prefix + k] = vals[-1] if k.startswith("balora/skipped_") else sum(vals) / len(vals)
+        store.clear()
+        return super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ saving and resuming
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.balora.config.save_pretrained(output_dir)
+        peft_model = unwrap(self.model)
+        if self.balora.mode == "adapter_snapshot" and find_initial_adapter(output_dir) is None:
+            save_initial_adapter(peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if _internal_call or not self.args.should_save or not has_residual_base(unwrap(self.model)):
+            return
+        target = os.path.join(output_dir, PLAIN_LORA_DIR)
+        export_plain_lora(output_dir, target, overwrite=True)  # our own artefact of this save, refreshed
+        logger.info("BA-LoRA: plain-LoRA export (serves on the untouched base model) written to %s", target)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if self.balora.mode != "adapter_snapshot":
+            return
+        initial = find_initial_adapter(resume_from_checkpoint)
+        if initial is None:
+            raise FileNotFoundError(
+                f"BA-LoRA: checkpoint {resume_from_checkpoint!r} holds no {INITIAL_DIR}/ (the frozen initial adapter); "
+                "without it the reference would be rebuilt from the current weights. Resume from a checkpoint "
+                "written by a BA-LoRA trainer."
+            )
+        load_initial_adapter(unwrap(model if model is not None else self.model), initial, REF_ADAPTER)
+
+
+def mix_into(trainer: Any) -> type:
+    """Swap ``trainer``'s class for a subclass with :class:`BALoRATrainerMixin` in front; returns the old class."""
+    cls = type(trainer)
+    if issubclass(cls, BALoRATrainerMixin):
+        return cls
+    trainer.__class__ = type(f"BALoRA{cls.__name__}", (BALoRATrainerMixin, cls), {"__module__": cls.__module__})
+    return cls
+
+
