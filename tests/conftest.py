@@ -39,8 +39,12 @@ def tiny_tokenizer(vocab: int = VOCAB):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    # Renders "<role> : <content> </s> " per message; {% generation %} marks the assistant's content and its </s>
+    # (what TRL's assistant_only_loss trains on).
     fast.chat_template = (
-        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ m['role'] }} : {% generation %}{{ m['content'] }} </s>{% endgeneration %} "
+        "{% else %}{{ m['role'] }} : {{ m['content'] }} </s> {% endif %}{% endfor %}"
         "{% if add_generation_prompt %}assistant : {% endif %}"
     )
     return fast
