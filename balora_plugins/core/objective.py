@@ -249,6 +249,8 @@ class BALoRAObjective:
                 "model's forward, on the model passed to prepare()."
             )
         hidden = self._captured["hidden"]
+        # read the head afresh: FSDP2 swaps the module's parameters after prepare()
+        self.head = output_head(ref.unwrap(model).get_base_model())
         mask = self._valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
         if not bool(mask.any()):
@@ -329,7 +331,11 @@ def output_head(model: nn.Module) -> OutputHead:
     if getattr(text_cfg, "logits_scaling", None):
         scale /= float(text_cfg.logits_scaling)
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
-    return OutputHead(weight=lin.weight, bias=getattr(lin, "bias", None), scale=scale, softcap=softcap)
+    weight, bias = lin.weight, getattr(lin, "bias", None)
+    if hasattr(weight, "full_tensor"):  # FSDP2 / tensor-parallel DTensor: gather the frozen head for this step
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+    return OutputHead(weight=weight, bias=bias, scale=scale, softcap=softcap)
 
 
 def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "default") -> None:
