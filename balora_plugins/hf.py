@@ -44,6 +44,19 @@ class BALoRATrainerMixin:
         self._balora_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.balora.prepare(self.model)
 
+    # ------------------------------------------------------------------ guard against silent overwrites
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        if not resume_from_checkpoint and self.args.should_save:
+            earlier = earlier_balora_checkpoints(self.args.output_dir)
+            if earlier:
+                raise FileExistsError(
+                    f"output_dir={self.args.output_dir!r} already holds BA-LoRA checkpoints from an earlier run "
+                    f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); training would overwrite them "
+                    "silently. Resume with trainer.train(resume_from_checkpoint=True), choose a new output_dir, "
+                    "or delete the old checkpoints."
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # ------------------------------------------------------------------ loss
     def _balora_progress(self) -> float:
         state = getattr(self, "state", None)
@@ -63,14 +76,18 @@ class BALoRATrainerMixin:
         logits = outputs["logits"] if nlu else None
         scaling = LossScaling.from_trainer(self, num_items_in_batch) if training else LossScaling()
         reg, metrics = self.balora.compute(model, batch, logits=logits, scaling=scaling, progress=self._balora_progress())
-        store = self._balora_metrics["train" if training else "eval"]
-        for k, v in metrics.items():
-            store[k].append(v)
+        self._balora_record(metrics, "train" if training else "eval")
         if training:
             loss = loss + reg.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
+    def _balora_record(self, metrics: dict[str, float], mode: str) -> None:
+        """Keep one micro-batch's ``balora/...`` metrics until :meth:`log` (hosts with a metric store override)."""
+        store = self._balora_metrics[mode]
+        for k, v in metrics.items():
+            store[k].append(v)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         store = self._balora_metrics[mode]
@@ -95,7 +112,12 @@ class BALoRATrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if _internal_call or not self.args.should_save or not has_residual_base(unwrap(self.model)):
+        if not _internal_call:
+            self._balora_export(output_dir)
+
+    def _balora_export(self, output_dir: str) -> None:
+        """Write ``plain_lora/`` (serves on the untouched base) from the PiSSA adapter saved in ``output_dir``."""
+        if not self.args.should_save or not has_residual_base(unwrap(self.model)):
             return
         target = os.path.join(output_dir, PLAIN_LORA_DIR)
         export_plain_lora(output_dir, target, overwrite=True)  # our own artefact of this save, refreshed
@@ -113,6 +135,16 @@ class BALoRATrainerMixin:
                 "written by a BA-LoRA trainer."
             )
         load_initial_adapter(unwrap(model if model is not None else self.model), initial, REF_ADAPTER)
+
+
+def earlier_balora_checkpoints(output_dir: str) -> list[str]:
+    """Names of ``checkpoint-*`` folders in ``output_dir`` written by a BA-LoRA trainer (hold balora_config.json)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    return sorted(
+        d for d in os.listdir(output_dir)
+        if d.startswith("checkpoint-") and os.path.isfile(os.path.join(output_dir, d, "balora_config.json"))
+    )
 
 
 def mix_into(trainer: Any) -> type:
