@@ -1,9 +1,10 @@
 """The reference mathematics of the BA-LoRA terms, on plain logits matrices.
 
 Every function takes ``logits`` of shape (M, C) whose rows are the rows the term acts on (valid token
-positions for NLG, examples for NLU), computes in fp32 whatever the input dtype, is differentiable and
-returns a 0-d tensor. The fused trainer path (:mod:`balora_plugins.core.fused`) computes the same numbers
-from hidden states without materialising (M, |V|); the tests hold the two together.
+positions for NLG, examples for NLU), computes in fp32 whatever the input dtype (fp64 inputs stay in fp64,
+so ``torch.autograd.gradcheck`` applies), is differentiable and returns a 0-d tensor. The fused trainer path
+(:mod:`balora_plugins.core.fused`) computes the same numbers from hidden states without materialising
+(M, |V|); the tests hold the two together.
 
 The ``*_rows`` helpers return one value per row (shape (M,)); the chunked driver sums them chunk by chunk.
 """
@@ -27,25 +28,30 @@ __all__ = [
 ]
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32: half/bfloat16 are upcast, fp64 is kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ---------------------------------------------------------------------------------------------- per row
 def kl_rows(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T² · KL(softmax(ref/T) ‖ softmax(logits/T)) per row: (M, C), (M, C) -> (M,)."""
     t = float(temperature)
-    logp = F.log_softmax(logits.float() / t, dim=-1)
-    logq = F.log_softmax(ref_logits.float() / t, dim=-1)
+    logp = F.log_softmax(_f32(logits) / t, dim=-1)
+    logq = F.log_softmax(_f32(ref_logits) / t, dim=-1)
     return (t * t) * (logq.exp() * (logq - logp)).sum(-1)
 
 
 def mse_rows(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """Σ_c (ẑ − ẑ_ref)² / C per row, ẑ the row-wise L2-normalised logits: (M, C), (M, C) -> (M,)."""
-    a = F.normalize(logits.float(), dim=-1)
-    b = F.normalize(ref_logits.float(), dim=-1)
+    a = F.normalize(_f32(logits), dim=-1)
+    b = F.normalize(_f32(ref_logits), dim=-1)
     return (a - b).pow(2).mean(-1)
 
 
 def entropy_rows(logits: torch.Tensor, top_k: int = 0) -> torch.Tensor:
     """Entropy of the softmax over each row's ``top_k`` largest logits (0 = all): (M, C) -> (M,)."""
-    z = logits.float()
+    z = _f32(logits)
     if 0 < top_k < z.shape[-1]:
         z = z.topk(top_k, dim=-1, sorted=False).values
     logp = F.log_softmax(z, dim=-1)
@@ -79,8 +85,13 @@ def diversity_loss(logits: torch.Tensor, *, kind: str = "entropy", top_k: int = 
     if kind == "entropy":
         return -entropy_rows(logits, top_k).mean()
     if kind == "decorrelation":
-        z = logits.float()
+        z = _f32(logits)
         m, c = z.shape
+        if m < 2:
+            raise ValueError(
+                f"diversity_loss(kind='decorrelation') needs at least 2 rows to estimate a covariance, got "
+                f"logits {tuple(logits.shape)}; use a batch of 2 or more examples."
+            )
         zc = z - z.mean(0, keepdim=True)
         cov = zc.T @ zc / (m - 1)
         off = cov - torch.diag_embed(torch.diagonal(cov))
@@ -93,7 +104,7 @@ def svd_loss(logits: torch.Tensor, *, k: int, norm: str = "nuclear", eps: float 
 
     D = Σ_j σ_j for ``norm="nuclear"`` or ‖Z‖_F for ``norm="frobenius"``; ``eps`` is added to D.
     """
-    s = torch.linalg.svdvals(logits.float())
+    s = torch.linalg.svdvals(_f32(logits))
     return svd_share(s, k=k, norm=norm, eps=eps, frobenius=None)
 
 

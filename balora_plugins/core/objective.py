@@ -26,9 +26,9 @@ from torch import nn
 from ..config import BALoRAConfig
 from ..functional import valid_position_mask
 from . import reference as ref
-from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
+from .fused import HiddenView, KLRows, LogitsView, NegEntropyRows, OutputHead, chunked_row_terms
 from .plugins import collect_terms
-from .terms import MATRIX, ROW, Term
+from .terms import MATRIX, ROW, Consistency, EntropyDiversity, Term
 
 QUANT_MODULES = ("Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "AwqLinear", "QLinear")
 
@@ -52,10 +52,16 @@ class LossScaling:
     host_divides_by_ga: bool = True
 
     def row_weight(self, lam: float, local_rows: int, by_items: bool) -> float:
-        """Weight turning a row-sum into the host's normalisation (λ·world/N, or λ/M for a mean)."""
+        """Weight turning a row-sum into the host's normalisation.
+
+        λ·world/N when the host normalises its token loss by ``num_items_in_batch`` (NLG); otherwise a micro-batch
+        mean λ/M that, like a matrix term, is averaged over the accumulation steps — by the host when it divides
+        by them, else here (BERT-style classifiers accept ``**kwargs``, so the Trainer skips that division while
+        their cross-entropy ignores the item count; the BA-LoRA terms stay split-invariant regardless).
+        """
         if by_items and self.num_items_in_batch is not None:
             return lam * self.world_factor / max(float(self.num_items_in_batch), 1.0)
-        return lam / max(local_rows, 1)
+        return self.matrix_weight(lam) / max(local_rows, 1)
 
     def matrix_weight(self, lam: float) -> float:
         return lam if self.host_divides_by_ga else lam / max(self.ga_steps, 1)
@@ -73,7 +79,11 @@ class LossScaling:
         n = None if num_items_in_batch is None else float(torch.as_tensor(num_items_in_batch).sum().item())
         world = 1.0
         if n is not None and getattr(args, "average_tokens_across_devices", False):
-            world = float(trainer.accelerator.num_processes)
+            # as Trainer/SFTTrainer.compute_loss: tensor-parallel ranks share a batch, DataParallel uses n_gpu
+            tp = trainer.get_tp_size() if callable(getattr(trainer, "get_tp_size", None)) else 1
+            world = float(trainer.accelerator.num_processes // max(int(tp), 1))
+            if getattr(args, "n_gpu", 1) > 1:
+                world = float(args.n_gpu)
         return cls(num_items_in_batch=n, world_factor=world, ga_steps=int(ga), host_divides_by_ga=not scaled)
 
 
@@ -129,6 +139,8 @@ class BALoRAObjective:
             self.config.check_num_classes(self.num_classes)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
+            if self.config.task == "nlg":
+                check_reference_head(self.head, self.ref_model)
         return self
 
     def remove_hooks(self) -> None:
@@ -142,14 +154,26 @@ class BALoRAObjective:
         if self._in_reference:
             return
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        self._captured = {"args": args, "kwargs": kwargs, "hidden": hidden}
+        # Did the student's forward end up with a KV cache? (use_cache comes from the config and is switched off
+        # under gradient checkpointing inside the backbone.) The reference forward does the same, see below.
+        used_cache = None
+        if isinstance(output, Mapping):  # a ModelOutput lists only the fields that are set
+            used_cache = output.get("cache") is not None or output.get("past_key_values") is not None
+        self._captured = {"args": args, "kwargs": kwargs, "hidden": hidden, "used_cache": used_cache}
 
     # ------------------------------------------------------------------ reference forwards
     def _reference_hidden(self, model: nn.Module) -> torch.Tensor:
         cap = self._captured
         kwargs = dict(cap["kwargs"])
-        kwargs["use_cache"] = False
-        kwargs.pop("past_key_values", None)
+        # Same attention mask as the student's forward: transformers 5 builds a block-diagonal mask for packed
+        # position_ids only without a KV cache, so the reference uses a cache exactly when the student did
+        # (it runs in eval mode, where gradient checkpointing no longer turns the cache off). A cache object
+        # the student's forward filled is dropped (the model starts a fresh one if it uses any).
+        if cap.get("used_cache") is not None:
+            kwargs["use_cache"] = cap["used_cache"]
+        for key in ("past_key_values", "cache"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = None
         self._in_reference = True
         try:
             if self.mode == "model":
@@ -214,7 +238,10 @@ class BALoRAObjective:
             for t in self.terms:
                 if t.level != MATRIX or weights[t.name] <= 0 or t.is_noop(*view.shape):
                     continue
-                value = t.matrix(view)
+                try:
+                    value = t.matrix(view)
+                except torch.linalg.LinAlgError:  # svdvals/eigh raise on non-finite input instead of NaN
+                    value = torch.tensor(float("nan"))
                 if not self._finite(t.name, value, metrics):
                     continue
                 loss = loss + scaling.matrix_weight(weights[t.name]) * value
@@ -224,7 +251,7 @@ class BALoRAObjective:
 
     def _row_loss(self, terms, rows, ref_rows, weights, scaling, by_items, m, metrics) -> torch.Tensor:
         while terms:
-            fns = [t.rows for t in terms]
+            fns = [row_function(t) for t in terms]
             w = [scaling.row_weight(weights[t.name], m, by_items) for t in terms]
             if self.head is not None and self.config.task == "nlg":
                 total, sums = chunked_row_terms(rows, ref_rows, self.head, fns, w, self.config.chunk_size)
@@ -307,6 +334,17 @@ class BALoRAObjective:
         return False
 
 
+def row_function(term: Term):
+    """The per-row function the chunked driver runs for ``term``: the built-in KL consistency and top-K entropy
+    as closed-form kernels (same values, exact gradients without autograd, fewer (chunk, |V|) buffers), any
+    other term — a subclass overriding ``rows`` included — as its own ``rows`` through autograd."""
+    if type(term).rows is Consistency.rows and term.kind == "kl":
+        return KLRows(term.temperature)
+    if type(term).rows is EntropyDiversity.rows:
+        return NegEntropyRows(term.top_k)
+    return term.rows
+
+
 # ---------------------------------------------------------------------------------------------- model facts
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder backbone of a causal LM (the module whose output is the final hidden state)."""
@@ -331,11 +369,37 @@ def output_head(model: nn.Module) -> OutputHead:
     if getattr(text_cfg, "logits_scaling", None):
         scale /= float(text_cfg.logits_scaling)
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
-    weight, bias = lin.weight, getattr(lin, "bias", None)
+    weight, bias, source = lin.weight, getattr(lin, "bias", None), None
     if hasattr(weight, "full_tensor"):  # FSDP2 / tensor-parallel DTensor: gather the frozen head for this step
-        weight = weight.full_tensor()
+        source, weight = weight, weight.full_tensor()  # the DTensor parameter keys the Gram-factor cache
         bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
-    return OutputHead(weight=weight, bias=bias, scale=scale, softcap=softcap)
+    return OutputHead(weight=weight, bias=bias, scale=scale, softcap=softcap, source=source)
+
+
+def check_reference_head(head: OutputHead, ref_model: nn.Module) -> None:
+    """The fused NLG path sends the reference's hidden states through the *trained model's* frozen head, so a
+    separate reference model must have the same output head (up to dtype rounding)."""
+    inner = ref.unwrap(ref_model)
+    inner = inner.get_base_model() if ref.is_peft_model(inner) else inner
+    lin = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    other = getattr(lin, "weight", None)
+    if other is not None and (hasattr(other, "full_tensor") or hasattr(head.weight, "full_tensor")):
+        return  # sharded (DTensor) heads: not gathered here
+    mine = head.weight.detach()
+    if other is not None and tuple(other.shape) == tuple(mine.shape):
+        delta = (other.detach().to(mine.device).float() - mine.float()).norm()
+        diff = delta / mine.float().norm().clamp(1e-12)
+        if float(diff) <= 1e-2:
+            return
+        detail = f"relative difference {float(diff):.3g}"
+    else:
+        detail = f"shape {None if other is None else tuple(other.shape)} vs {tuple(mine.shape)}"
+    raise ValueError(
+        f"ref_model ({type(inner).__name__}) has a different output head than the trained model ({detail}). "
+        "BA-LoRA's NLG path computes the reference logits from the reference's final hidden states through "
+        "the trained model's frozen head, so the reference must be the pre-trained base model the adapter was "
+        "created on (or omit ref_model to use the adapter snapshot)."
+    )
 
 
 def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "default") -> None:

@@ -92,7 +92,10 @@ def add_snapshot_adapter(peft_model: nn.Module, source: str = "default", name: s
     cfg = copy.deepcopy(peft_model.peft_config[source])
     cfg.init_lora_weights = True  # never re-run the PiSSA SVD on the (already residual) base
     cfg.inference_mode = True
-    peft_model.add_adapter(name, cfg)
+    # add_adapter draws a random init that the copy below overwrites: keep the training RNG (dropout) untouched
+    cuda = sorted({p.device.index or 0 for p in peft_model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        peft_model.add_adapter(name, cfg)
     for m, a in active:  # whatever add_adapter switched, the trainable adapter stays the active one
         m._active_adapter = a
     copy_adapter_weights(peft_model, source, name)
