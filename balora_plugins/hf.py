@@ -125,6 +125,11 @@ class BALoRATrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if os.path.isfile(os.path.join(resume_from_checkpoint, "adapter_model.safetensors")):
+            # transformers 5.16 (axolotl 0.19's pin), seeing adapter sub-folders (our balora_ref/), loads only those
+            # and silently keeps the fresh trained adapter; 5.24 loads both. Reload it (a no-op where it was loaded).
+            peft_model = unwrap(model if model is not None else self.model)
+            load_initial_adapter(peft_model, resume_from_checkpoint, self.balora.adapter_name)
         if self.balora.mode != "adapter_snapshot":
             return
         initial = find_initial_adapter(resume_from_checkpoint)

@@ -246,7 +246,7 @@ class BALoRAObjective:
                     continue
                 loss = loss + scaling.matrix_weight(weights[t.name]) * value
                 self._record(metrics, t.name, float(value.detach()), weights[t.name])
-        metrics["balora/loss"] = sum(v for k, v in metrics.items() if k.endswith("_weighted"))
+        metrics["balora/loss"] = float(sum((v for k, v in metrics.items() if k.endswith("_weighted")), 0.0))
         return loss, metrics
 
     def _row_loss(self, terms, rows, ref_rows, weights, scaling, by_items, m, metrics) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""`BALoRASFTTrainer`: TRL's ``SFTTrainer`` with the BA-LoRA regularisers.
+
+A drop-in subclass: the same constructor plus ``balora_config`` (a :class:`~balora_plugins.BALoRAConfig`, a preset
+name, a dict, or None for ``"iclr2026-nlg"``), ``ref_model=`` (a separate reference model, optional) and
+``balora_plugins=`` (extra pluggy plugins contributing terms). Everything else — the loss scaling, the metrics,
+saving, resuming — is :class:`~balora_plugins.hf.BALoRATrainerMixin`; the maths is in :mod:`balora_plugins.core`.
+
+Works with TRL 1.9 – 1.16. TRL 1.9 – 1.14 computes the SFT loss with a chunked NLL and 1.15+ with a fused LM head;
+neither returns logits, so the terms are computed from the decoder backbone's final hidden states, which every
+version computes. Completion-only / assistant-only losses reach ``compute_loss`` as ``labels`` with -100 on
+untrained tokens; packed and padding-free batches carry ``position_ids`` (0 at each document start, where TRL also
+sets the label to -100), so the core's shifted valid-row mask never pairs a position with the next document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from trl import SFTTrainer
+
+from .config import BALoRAConfig
+from .core.objective import validate_model
+from .core.reference import is_peft_model, resolve_mode
+from .hf import BALoRATrainerMixin
+
+__all__ = ["BALoRASFTTrainer"]
+
+
+class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` + BA-LoRA. Takes every ``SFTTrainer`` argument, plus:
+
+    Args:
+        balora_config: the regulariser settings: a ``BALoRAConfig``, a preset name (``"iclr2026-nlg"``,
+            ``"v5-nlg"``, ...), a dict of fields, or None (``"iclr2026-nlg"``).
+        ref_model: an explicit reference model for the consistency term (default: the frozen initial adapter
+            for PiSSA-like inits, the adapter switched off for plain LoRA init; no second model in memory).
+        balora_plugins: extra pluggy plugins implementing the ``balora_plugins`` hooks (additional terms).
+
+    The model must be a LoRA ``PeftModel`` or come with ``peft_config=LoraConfig(...)``
+    (``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` / ``True``). Bad combinations raise before any step.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        *args: Any,
+        balora_config: BALoRAConfig | str | dict | None = None,
+        ref_model: nn.Module | None = None,
+        balora_plugins: Sequence[Any] = (),
+        **kwargs: Any,
+    ):
+        # A bad config or model fails here, before TRL prepares the data or runs PiSSA's SVD.
+        config = BALoRAConfig.coerce(balora_config)
+        if isinstance(model, nn.Module):
+            _check_before_wrap(model, kwargs.get("peft_config"), config, ref_model)
+        super().__init__(model, *args, **kwargs)
+        self._balora_setup(config, ref_model=ref_model, extra_plugins=balora_plugins)
+
+
+def _check_before_wrap(
+    model: nn.Module, peft_config: Any, config: BALoRAConfig, ref_model: nn.Module | None
+) -> None:
+    """Refuse bad input before ``SFTTrainer.__init__`` runs PiSSA's SVD (or its own, less specific, checks).
+
+    A ``PeftModel`` gets the core's full :func:`validate_model`; a plain model without ``peft_config`` has no
+    adapter; a ``peft_config`` must leave the output head frozen. The rest is re-checked after wrapping.
+    """
+    if is_peft_model(model) or peft_config is None:
+        validate_model(model, config)
+        resolve_mode(config.reference, model, ref_model)
+        return
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    head = model.get_output_embeddings() if config.task == "nlg" else None
+    names = [n for n, m in model.named_modules() if m is head and n]
+    saved = getattr(peft_config, "modules_to_save", None) or ()
+    # target_modules=None means PEFT's per-architecture defaults, which never include the head
+    targeted = peft_config.target_modules is not None and any(
+        check_target_module_exists(peft_config, n) for n in names
+    )
+    if targeted or any(n.split(".")[-1] in saved for n in names):
+        raise ValueError(
+            f"BA-LoRA computes its terms from the frozen output head, but peft_config targets it ({names[0]!r} in "
+            f"target_modules={peft_config.target_modules!r} / modules_to_save={saved!r}). Remove it and keep the "
+            "head frozen."
+        )

@@ -1,0 +1,425 @@
+"""`BALoRASFTTrainer` against TRL's own `SFTTrainer` and against counts made here (TRL 1.9 and 1.16).
+
+Every run is a tiny random llama on CPU for a few steps; the numbers compared are losses, adapter weights,
+row counts and logits, each against an independent computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from conftest import lora, tiny_llama, tiny_tokenizer  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig, PeftModel  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from balora_plugins import BALoRAConfig  # noqa: E402
+from balora_plugins.core.reference import REF_ADAPTER, adapter_state  # noqa: E402
+from balora_plugins.trl import BALoRASFTTrainer  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+WORDS = [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
+# Constant schedules, so every term is on from step 1.
+ALL_ON = dict(
+    lambda_consistency=0.5,
+    lambda_diversity=0.1,
+    lambda_svd=0.1,
+    consistency_schedule="constant",
+    regularizer_schedule="constant",
+)
+ALL_OFF = dict(lambda_consistency=0.0, lambda_diversity=0.0, lambda_svd=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _words(r: random.Random, lo: int, hi: int) -> str:
+    return " ".join(r.choices(WORDS, k=r.randint(lo, hi)))
+
+
+def prompt_completion(n: int = 16, seed: int = 0) -> Dataset:
+    r = random.Random(seed)
+    return Dataset.from_list(
+        [{"prompt": _words(r, 2, 5), "completion": " " + _words(r, 2, 6)} for _ in range(n)]
+    )
+
+
+def conversations(n: int = 8, seed: int = 0) -> Dataset:
+    r = random.Random(seed)
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": _words(r, 2, 5)},
+                    {"role": "assistant", "content": _words(r, 2, 6)},
+                ]
+            }
+            for _ in range(n)
+        ]
+    )
+
+
+def texts(n: int = 12, seed: int = 0) -> Dataset:
+    r = random.Random(seed)
+    return Dataset.from_list([{"text": _words(r, 3, 8)} for _ in range(n)])
+
+
+def peft_config(init="pissa", targets=TARGETS) -> LoraConfig:
+    return LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=init
+    )
+
+
+def sft_args(out, **kw) -> SFTConfig:
+    base = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        max_length=32,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def trainer(out, *, balora=ALL_ON, init="pissa", dataset=None, host=False, wrapped=False, **kw):
+    """A BALoRASFTTrainer (or, with ``host=True``, TRL's SFTTrainer) on a fresh tiny llama, given a
+    ``peft_config`` (or, with ``wrapped=True``, an existing PeftModel of the same config)."""
+    train, eval_ = kw.pop("train_dataset", dataset or prompt_completion()), kw.pop("eval_dataset", None)
+    model = lora(tiny_llama(), init=init, r=4, alpha=8, targets=TARGETS) if wrapped else tiny_llama()
+    common = dict(
+        args=sft_args(out, **kw),
+        train_dataset=train,
+        eval_dataset=eval_,
+        processing_class=tiny_tokenizer(),
+        peft_config=None if wrapped else peft_config(init),
+    )
+    if host:
+        return SFTTrainer(model, **common)
+    return BALoRASFTTrainer(model, balora_config=balora, **common)
+
+
+def losses(tr) -> list[float]:
+    return [h["loss"] for h in tr.state.log_history if "loss" in h]
+
+
+def adapter(tr, name="default") -> dict[str, torch.Tensor]:
+    return adapter_state(tr.model, name)
+
+
+def nudge(tr, scale=0.05) -> None:
+    """Move the trained adapter off the reference (after the snapshot), so the consistency term has a gradient."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted((n, p) for n, p in tr.model.named_parameters() if p.requires_grad):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------- a) λ = 0
+def test_all_lambdas_zero_reproduce_sft_trainer(tmp_path):
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    host = trainer(tmp_path / "host", host=True, **kw)
+    host.train()
+    ours = trainer(tmp_path / "ours", balora=ALL_OFF, **kw)
+    ours.train()
+    assert len(losses(host)) == 3
+    assert losses(ours) == pytest.approx(losses(host), abs=1e-6)
+    assert "balora/rows" in ours.state.log_history[0]
+
+
+# ---------------------------------------------------------------------------------------------- b) GA
+@pytest.mark.parametrize("init", ["pissa", True])
+def test_token_terms_same_update_for_4x1_and_2x2(tmp_path, init):
+    cfg = {**ALL_ON, "lambda_svd": 0.0}
+    kw = dict(max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+    runs = {}
+    for name, bs, ga, bal in [("4x1", 4, 1, cfg), ("2x2", 2, 2, cfg), ("off", 4, 1, ALL_OFF)]:
+        tr = trainer(
+            tmp_path / name,
+            balora=bal,
+            init=init,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            **kw,
+        )
+        nudge(tr)
+        start = adapter(tr)
+        tr.train()
+        runs[name] = {k: v - start[k] for k, v in adapter(tr).items()}  # the update of the one optimizer step
+    assert runs["4x1"].keys() == runs["2x2"].keys() and runs["4x1"]
+    for k in runs["4x1"]:
+        torch.testing.assert_close(runs["2x2"][k], runs["4x1"][k], rtol=1e-5, atol=1e-7, msg=k)
+    effect = max((runs["4x1"][k] - runs["off"][k]).abs().max().item() for k in runs["4x1"])
+    assert effect > 1e-4, "the terms did not change the update: the comparison would be vacuous"
+
+
+# ---------------------------------------------------------------------------------------------- c) masks
+def _rows_per_epoch(tr) -> float:
+    tr.train()
+    logged = [h["balora/rows"] for h in tr.state.log_history if "balora/rows" in h]
+    assert len(logged) == tr.state.global_step  # one micro-batch per logged step
+    return sum(logged)
+
+
+def _n(text: str) -> int:
+    return len(text.split())
+
+
+def test_rows_completion_only(tmp_path):
+    ds = prompt_completion(12)
+    tr = trainer(tmp_path, dataset=ds, max_steps=-1, num_train_epochs=1)
+    # Each completion and its appended EOS are trained; each such token is predicted by the position before it.
+    assert _rows_per_epoch(tr) == sum(_n(c) + 1 for c in ds["completion"])
+
+
+def test_rows_assistant_only(tmp_path):
+    ds = conversations(8)
+    tr = trainer(tmp_path, dataset=ds, max_steps=-1, num_train_epochs=1, assistant_only_loss=True)
+    # Inside {% generation %}: the assistant's words and its "</s>"; "user : ... </s> assistant :" is not trained.
+    assert _rows_per_epoch(tr) == sum(_n(m[1]["content"]) + 1 for m in ds["messages"])
+
+
+PACKING = {
+    "padded": {},
+    "packing": dict(packing=True, packing_strategy="bfd"),
+    "padding_free": dict(padding_free=True, max_length=None),
+}
+
+
+@pytest.mark.parametrize("mode", list(PACKING))
+def test_rows_language_modeling_and_packed_documents(tmp_path, mode):
+    ds = texts(12)
+    tr = trainer(
+        tmp_path, dataset=ds, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2, **PACKING[mode]
+    )
+    if mode != "padded":
+        batch = next(iter(tr.get_train_dataloader()))
+        assert (
+            "position_ids" in batch and int((batch["position_ids"] == 0).sum()) > 1
+        )  # several documents per row
+    # Every token of "<text> </s>" except each document's first is predicted from inside its own document (the
+    # shifted mask: an unshifted one would count one more per document); the position before a document start
+    # (the previous document's EOS) is never a row.
+    assert _rows_per_epoch(tr) == sum(_n(t) for t in ds["text"])
+
+
+# ---------------------------------------------------------------------------------------------- d) GC, eval
+def test_gradient_checkpointing_matches(tmp_path):
+    plain = trainer(tmp_path / "plain")
+    plain.train()
+    gc = trainer(tmp_path / "gc", gradient_checkpointing=True)
+    gc.train()
+    assert losses(gc) == pytest.approx(losses(plain), abs=1e-6)
+    for k, v in adapter(plain).items():
+        torch.testing.assert_close(adapter(gc)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_reports_terms_and_keeps_sft_eval_loss(tmp_path):
+    ev = prompt_completion(8, seed=1)
+    host = trainer(tmp_path / "host", host=True, eval_dataset=ev, per_device_eval_batch_size=4)
+    ours = trainer(tmp_path / "ours", eval_dataset=ev, per_device_eval_batch_size=4)
+    nudge(host), nudge(ours)  # the same weights, off the reference: every term is non-zero
+    m_host, m_ours = host.evaluate(), ours.evaluate()
+    assert m_ours["eval_loss"] == pytest.approx(m_host["eval_loss"], abs=1e-6)
+    for term in ("consistency", "diversity", "svd"):
+        assert abs(m_ours[f"eval_balora/{term}"]) > 0
+    assert m_ours["eval_balora/rows"] > 0
+    assert not any(k.startswith("balora/") for k in m_ours)
+    ours.train()
+    assert not any(k.startswith("eval_") for h in ours.state.log_history if "loss" in h for k in h)
+
+
+def test_bf16_autocast_terms_match_fp32(tmp_path):
+    """bf16 autocast (on CPU here; the same autocast path as a GPU): the terms are computed in fp32 from the
+    bf16 forward, so they agree with the fp32 run to bf16 activation precision."""
+    fp32 = trainer(tmp_path / "fp32", max_steps=1)
+    fp32.train()
+    bf16 = trainer(tmp_path / "bf16", max_steps=1, bf16=True)
+    bf16.train()
+    a, b = fp32.state.log_history[0], bf16.state.log_history[0]
+    assert a["balora/rows"] == b["balora/rows"]
+    for term in ("diversity", "svd"):
+        assert b[f"balora/{term}"] == pytest.approx(a[f"balora/{term}"], rel=2e-2)
+    assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------- e) metrics, h) seed
+def test_metrics_in_log_history_and_same_seed_same_losses(tmp_path):
+    a = trainer(tmp_path / "a")
+    a.train()
+    b = trainer(tmp_path / "b", wrapped=True)  # the same LoRA, wrapped by the user instead of by TRL
+    b.train()
+    assert losses(a) == losses(b)  # bitwise: same seed, same CPU kernels
+    logs = [h for h in a.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        for term, lam in (("consistency", 0.5), ("diversity", 0.1), ("svd", 0.1)):
+            assert h[f"balora/lambda_{term}"] == lam
+            assert h[f"balora/{term}_weighted"] == pytest.approx(lam * h[f"balora/{term}"])
+    assert logs[0]["balora/consistency"] == pytest.approx(0.0, abs=1e-7)  # the model starts at the reference
+    assert logs[-1]["balora/consistency"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- f) saving
+def test_save_model_writes_config_reference_and_plain_lora(tmp_path):
+    tr = trainer(tmp_path / "run", max_steps=2, init="pissa_niter_4")  # PEFT's fast (randomised) PiSSA SVD
+    tr.train()
+    out = tmp_path / "final"
+    tr.save_model(str(out))
+    for f in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "balora_config.json",
+        f"{REF_ADAPTER}/adapter_config.json",
+        "plain_lora/adapter_model.safetensors",
+    ):
+        assert (out / f).is_file(), f
+    assert BALoRAConfig.from_pretrained(out) == tr.balora.config
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = tr.model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        base = (
+            tiny_llama()
+        )  # untouched pre-trained weights (the PiSSA residual lives only in the trained model)
+        before = base(input_ids=ids).logits
+        served = PeftModel.from_pretrained(base, str(out / "plain_lora")).eval()(input_ids=ids).logits
+    assert (trained - before).abs().max() > 1e-3
+    torch.testing.assert_close(served, trained, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- g) resume
+def test_resume_restores_reference_and_matches_uninterrupted(tmp_path, monkeypatch):
+    # TRL 1.9 writes a model card with every checkpoint and imports trackio (and gradio, ~15 s) for its URL.
+    monkeypatch.setattr("trl.trainer.base_trainer.get_trackio_space_url", lambda: None, raising=False)
+    # The paper's schedules (cosine λ1; λ2, λ3 off for the first quarter): the resumed run must continue them.
+    scheduled = {
+        **ALL_ON,
+        "consistency_schedule": "cosine",
+        "regularizer_schedule": "warmup",
+        "warmup_start": 0.25,
+    }
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, balora=scheduled)
+    full = trainer(tmp_path / "full", **kw)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / REF_ADAPTER / "adapter_model.safetensors").is_file()
+    snapshot = adapter(full, REF_ADAPTER)
+
+    resumed = trainer(tmp_path / "resumed", **kw)
+    with torch.no_grad():  # corrupt the in-memory reference: resume must take it from the checkpoint
+        for n, p in resumed.model.named_parameters():
+            if f".{REF_ADAPTER}." in n:
+                p.mul_(0.5)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for k, v in snapshot.items():
+        torch.testing.assert_close(adapter(resumed, REF_ADAPTER)[k], v, rtol=0, atol=0)
+    assert len(losses(full)) == 4  # the resumed state carries steps 1-2 from the checkpoint, then logs 3-4
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
+    lambdas = [
+        {k: v for k, v in h.items() if "lambda" in k}
+        for h in (full.state.log_history[-2], resumed.state.log_history[-2])
+    ]
+    assert lambdas[0] == lambdas[1] and 0 < lambdas[0]["balora/lambda_consistency"] < 0.5
+    final = adapter(full)
+    for k, v in adapter(resumed).items():  # tolerance: 1e-6 absolute (fp32, same kernels, same data order)
+        torch.testing.assert_close(v, final[k], rtol=0, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- i) bad input
+def _peft(model, **kw):
+    return lora(model, r=4, alpha=8, targets=TARGETS, **kw)
+
+
+def _quantised(model):
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    return model
+
+
+Q = {"reference": "disabled_adapter"}
+HEAD_SAVED = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head"])
+BAD = [  # (model factory, peft_config, balora_config, error message pattern)
+    pytest.param(tiny_llama, None, None, "needs a PEFT LoRA model", id="no adapter"),
+    pytest.param(
+        tiny_llama, peft_config(True, TARGETS + ["lm_head"]), None, "output head", id="lm_head targeted"
+    ),
+    pytest.param(tiny_llama, HEAD_SAVED, None, "output head", id="lm_head in modules_to_save"),
+    pytest.param(
+        lambda: lora(tiny_llama(), init=True, targets=["q_proj", "lm_head"]),
+        None,
+        None,
+        "head is trained",
+        id="PeftModel with LoRA on lm_head",
+    ),
+    pytest.param(
+        tiny_llama, peft_config(), Q, "disabled_adapter", id="disabled adapter + PiSSA via peft_config"
+    ),
+    pytest.param(lambda: _peft(tiny_llama()), None, Q, "residual", id="disabled adapter + PiSSA PeftModel"),
+    pytest.param(
+        lambda: _quantised(tiny_llama()),
+        peft_config(),
+        None,
+        "quantised",
+        id="quantised + PiSSA via peft_config",
+    ),
+    pytest.param(
+        lambda: _peft(_quantised(tiny_llama())), None, None, "quantised", id="quantised + PiSSA PeftModel"
+    ),
+    pytest.param(
+        lambda: _peft(tiny_llama()), None, "iclr2026", "Unknown BA-LoRA preset", id="unknown preset"
+    ),
+    pytest.param(
+        lambda: _peft(tiny_llama()), None, {"lambda_svd": -1.0}, "lambda_svd", id="bad config value"
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_model", "pcfg", "bal", "match"), BAD)
+def test_bad_input_refused_at_construction(tmp_path, make_model, pcfg, bal, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        BALoRASFTTrainer(
+            model,
+            args=sft_args(tmp_path),
+            train_dataset=prompt_completion(4),
+            processing_class=tiny_tokenizer(),
+            peft_config=pcfg,
+            balora_config={**ALL_ON, **bal} if isinstance(bal, dict) else bal,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+@pytest.mark.slow
+def test_recipe_tiny_runs(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integrations", "trl"))
+    try:
+        import train_gsm
+    finally:
+        sys.path.pop(0)
+    result = train_gsm.main(["--tiny", "--output-dir", str(tmp_path), "--max-steps", "4"])
+    logs, metrics = result["log_history"], result["metrics"]
+    assert sum("balora/svd" in h for h in logs) >= 2 and "eval_balora/consistency" in metrics
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]  # held-out answer NLL moved down
+    assert json.loads((tmp_path / "gsm_metrics.json").read_text()) == pytest.approx(metrics)
+    for f in (
+        "adapter_model.safetensors",
+        "balora_config.json",
+        f"{REF_ADAPTER}/adapter_config.json",
+        "plain_lora/adapter_config.json",
+    ):
+        assert (tmp_path / f).is_file(), f
