@@ -38,7 +38,9 @@ class BALoRAConfig:
     ``BALoRAConfig(...)`` or ``BALoRAConfig.from_preset("iclr2026-nlg", **overrides)``.
     """
 
-    task: str = _help("`nlg` (causal LM, token-level terms) or `nlu` (sequence classification).", default="nlg")
+    task: str = _help(
+        "`nlg` (causal LM, token-level terms) or `nlu` (sequence classification).", default="nlg"
+    )
     formulation: str = _help(
         "`iclr2026` (current paper / llm172 code: tempered KL, top-K entropy, Frobenius-normalised SVD) "
         "or `v5` (paper v1-v5: plain KL / MSE, full entropy, nuclear-normalised SVD).",
@@ -52,7 +54,9 @@ class BALoRAConfig:
         "K, the entropy (NLG) uses the K largest logits of each position, renormalised; 0 = full vocabulary.",
         default=20,
     )
-    temperature: float = _help("T of the consistency KL (the loss is T²·KL of the tempered softmaxes).", default=2.0)
+    temperature: float = _help(
+        "T of the consistency KL (the loss is T²·KL of the tempered softmaxes).", default=2.0
+    )
     svd_norm: str = _help(
         "Denominator of the SVD share: `frobenius` (‖Z‖_F), `nuclear` (Σσ) or `auto` "
         "(iclr2026: frobenius for nlg, nuclear for nlu; v5: nuclear).",
@@ -68,8 +72,12 @@ class BALoRAConfig:
         "then ramp linearly to full value over the next warmup_ramp.",
         default="constant",
     )
-    warmup_start: float = _help("Fraction of training during which λ2 = λ3 = 0 (warmup schedule).", default=0.2)
-    warmup_ramp: float = _help("Fraction of training over which λ2, λ3 ramp up (warmup schedule).", default=0.05)
+    warmup_start: float = _help(
+        "Fraction of training during which λ2 = λ3 = 0 (warmup schedule).", default=0.2
+    )
+    warmup_ramp: float = _help(
+        "Fraction of training over which λ2, λ3 ramp up (warmup schedule).", default=0.05
+    )
     reference: str = _help(
         "Reference for the consistency term: `auto` (snapshot for PiSSA-like inits, disabled adapter otherwise), "
         "`adapter_snapshot` (frozen copy of the initial adapter), `disabled_adapter`, or `model` "
@@ -106,13 +114,19 @@ class BALoRAConfig:
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
             v = _number(name, getattr(self, name))
             if v < 0:
-                raise ValueError(f"BALoRAConfig.{name}={v!r} is negative; weights must be >= 0 (0 switches the term off).")
+                raise ValueError(
+                    f"BALoRAConfig.{name}={v!r} is negative; weights must be >= 0 (0 switches the term off)."
+                )
         _integer("svd_top_k", self.svd_top_k, minimum=1, fix="k counts singular values; use 1 or more")
-        _integer("diversity_top_k", self.diversity_top_k, minimum=0, fix="use 0 for the full vocabulary or K >= 1")
+        _integer(
+            "diversity_top_k", self.diversity_top_k, minimum=0, fix="use 0 for the full vocabulary or K >= 1"
+        )
         _integer("chunk_size", self.chunk_size, minimum=1, fix="use e.g. 256")
         t = _number("temperature", self.temperature)
         if not t > 0:
-            raise ValueError(f"BALoRAConfig.temperature={t!r} must be > 0 (the paper uses 2.0; 1.0 = no tempering).")
+            raise ValueError(
+                f"BALoRAConfig.temperature={t!r} must be > 0 (the paper uses 2.0; 1.0 = no tempering)."
+            )
         for name in ("cosine_final_ratio", "warmup_start", "warmup_ramp"):
             v = _number(name, getattr(self, name))
             if not 0 <= v <= 1:
@@ -158,7 +172,11 @@ class BALoRAConfig:
 
     @property
     def lambdas(self) -> dict[str, float]:
-        return {"consistency": self.lambda_consistency, "diversity": self.lambda_diversity, "svd": self.lambda_svd}
+        return {
+            "consistency": self.lambda_consistency,
+            "diversity": self.lambda_diversity,
+            "svd": self.lambda_svd,
+        }
 
     def lambdas_at(self, progress: float) -> dict[str, float]:
         """The three weights at ``progress`` = global_step / max_steps in [0, 1] (SPEC §3.1 schedules)."""
@@ -258,22 +276,49 @@ class BALoRAConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # Current paper (ICLR 2026) and llm172/BA-LoRA training script, with its weight schedules.
     "iclr2026-nlg": dict(
-        task="nlg", formulation="iclr2026", lambda_consistency=0.025, lambda_diversity=0.005, lambda_svd=0.005,
-        svd_top_k=10, diversity_top_k=20, temperature=2.0, svd_norm="frobenius",
-        consistency_schedule="cosine", regularizer_schedule="warmup",
+        task="nlg",
+        formulation="iclr2026",
+        lambda_consistency=0.025,
+        lambda_diversity=0.005,
+        lambda_svd=0.005,
+        svd_top_k=10,
+        diversity_top_k=20,
+        temperature=2.0,
+        svd_norm="frobenius",
+        consistency_schedule="cosine",
+        regularizer_schedule="warmup",
     ),
     "iclr2026-nlu": dict(
-        task="nlu", formulation="iclr2026", lambda_consistency=0.15, lambda_diversity=0.03, lambda_svd=0.03,
-        svd_top_k=5, temperature=2.0, svd_norm="nuclear",
+        task="nlu",
+        formulation="iclr2026",
+        lambda_consistency=0.15,
+        lambda_diversity=0.03,
+        lambda_svd=0.03,
+        svd_top_k=5,
+        temperature=2.0,
+        svd_norm="nuclear",
     ),
     # Paper v1-v5 (cyp-jlu-ai/BA-LoRA, 2024).
     "v5-nlg": dict(
-        task="nlg", formulation="v5", lambda_consistency=1e-4, lambda_diversity=3e-4, lambda_svd=1e-4,
-        svd_top_k=3, diversity_top_k=0, temperature=1.0, svd_norm="nuclear",
+        task="nlg",
+        formulation="v5",
+        lambda_consistency=1e-4,
+        lambda_diversity=3e-4,
+        lambda_svd=1e-4,
+        svd_top_k=3,
+        diversity_top_k=0,
+        temperature=1.0,
+        svd_norm="nuclear",
     ),
     "v5-nlu": dict(
-        task="nlu", formulation="v5", lambda_consistency=1e-4, lambda_diversity=3e-4, lambda_svd=1e-4,
-        svd_top_k=3, temperature=1.0, svd_norm="nuclear",
+        task="nlu",
+        formulation="v5",
+        lambda_consistency=1e-4,
+        lambda_diversity=3e-4,
+        lambda_svd=1e-4,
+        svd_top_k=3,
+        temperature=1.0,
+        svd_norm="nuclear",
     ),
 }
 """Named settings; ``iclr2026-*`` are the defaults of the current paper (SPEC §3.1), ``v5-*`` the earlier

@@ -68,7 +68,9 @@ def consistency_loss(
     ``"mse"``: mean over all M·C entries of the squared difference of the row-wise L2-normalised matrices.
     """
     if logits.shape != ref_logits.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in shape.")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in shape."
+        )
     if kind == "kl":
         return kl_rows(logits, ref_logits, temperature).mean()
     if kind == "mse":

@@ -16,10 +16,14 @@ import os
 from collections import defaultdict
 from typing import Any
 
-import torch
-
 from .config import BALoRAConfig
-from .core.export import INITIAL_DIR, export_plain_lora, find_initial_adapter, load_initial_adapter, save_initial_adapter
+from .core.export import (
+    INITIAL_DIR,
+    export_plain_lora,
+    find_initial_adapter,
+    load_initial_adapter,
+    save_initial_adapter,
+)
 from .core.objective import BALoRAObjective, LossScaling
 from .core.reference import REF_ADAPTER, has_residual_base, unwrap
 
@@ -41,7 +45,10 @@ class BALoRATrainerMixin:
         self, balora_config: BALoRAConfig | str | dict | None, ref_model=None, extra_plugins=()
     ) -> None:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
-        self._balora_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._balora_metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         self.balora.prepare(self.model)
 
     # ------------------------------------------------------------------ guard against silent overwrites
@@ -75,7 +82,9 @@ class BALoRATrainerMixin:
         batch = {**inputs, **saved}
         logits = outputs["logits"] if nlu else None
         scaling = LossScaling.from_trainer(self, num_items_in_batch) if training else LossScaling()
-        reg, metrics = self.balora.compute(model, batch, logits=logits, scaling=scaling, progress=self._balora_progress())
+        reg, metrics = self.balora.compute(
+            model, batch, logits=logits, scaling=scaling, progress=self._balora_progress()
+        )
         self._balora_record(metrics, "train" if training else "eval")
         if training:
             loss = loss + reg.to(loss.dtype)
@@ -147,7 +156,8 @@ def earlier_balora_checkpoints(output_dir: str) -> list[str]:
     if not output_dir or not os.path.isdir(output_dir):
         return []
     return sorted(
-        d for d in os.listdir(output_dir)
+        d
+        for d in os.listdir(output_dir)
         if d.startswith("checkpoint-") and os.path.isfile(os.path.join(output_dir, d, "balora_config.json"))
     )
 
@@ -157,7 +167,7 @@ def mix_into(trainer: Any) -> type:
     cls = type(trainer)
     if issubclass(cls, BALoRATrainerMixin):
         return cls
-    trainer.__class__ = type(f"BALoRA{cls.__name__}", (BALoRATrainerMixin, cls), {"__module__": cls.__module__})
+    trainer.__class__ = type(
+        f"BALoRA{cls.__name__}", (BALoRATrainerMixin, cls), {"__module__": cls.__module__}
+    )
     return cls
-
-

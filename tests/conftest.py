@@ -20,9 +20,17 @@ def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = True):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -32,7 +40,11 @@ def tiny_tokenizer(vocab: int = VOCAB):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
+    words = (
+        ["<pad>", "<s>", "</s>", "<unk>"]
+        + [chr(ord("a") + i) for i in range(26)]
+        + [str(i) for i in range(10)]
+    )
     words += [f"w{i}" for i in range(vocab - len(words))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -55,16 +67,30 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 4):
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, num_labels=num_labels,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        num_labels=num_labels,
     )
     return BertForSequenceClassification(cfg).eval()
 
 
-def lora(model, init="pissa", r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), **kw):
+def lora(
+    model,
+    init="pissa",
+    r=4,
+    alpha=8,
+    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    **kw,
+):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=init, **kw)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=init, **kw
+    )
     return get_peft_model(model, cfg)
 
 

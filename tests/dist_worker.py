@@ -53,9 +53,20 @@ def main(out: str, per_device: int, ga: int = 1) -> None:
 
     model = lora(tiny_llama(seed=3), init="pissa")
     args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=ga, max_steps=3,
-        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[],
-        use_cpu=True, save_strategy="no", seed=0, average_tokens_across_devices=True, max_grad_norm=1e9,
+        output_dir=out,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=ga,
+        max_steps=3,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        average_tokens_across_devices=True,
+        max_grad_norm=1e9,
         dataloader_drop_last=True,
     )
     cfg = BALoRAConfig(lambda_consistency=1.0, lambda_diversity=0.5, lambda_svd=0.0, diversity_top_k=8)

@@ -57,7 +57,9 @@ def run_single():
     mbs = micro_batches()
     x = {k: torch.cat([b[k] for b in mbs]) for k in mbs[0]}
     model(**x)
-    reg, _ = obj.compute(model, x, scaling=LossScaling(num_items_in_batch=total_rows(mbs), host_divides_by_ga=False))
+    reg, _ = obj.compute(
+        model, x, scaling=LossScaling(num_items_in_batch=total_rows(mbs), host_divides_by_ga=False)
+    )
     reg.backward()
     return grads(model)
 
@@ -75,7 +77,9 @@ def run_fsdp(out):
     mbs = micro_batches()
     x = mbs[rank]
     model(**x)
-    scaling = LossScaling(num_items_in_batch=total_rows(mbs), world_factor=float(world), host_divides_by_ga=False)
+    scaling = LossScaling(
+        num_items_in_batch=total_rows(mbs), world_factor=float(world), host_divides_by_ga=False
+    )
     reg, _ = obj.compute(model, x, scaling=scaling)
     reg.backward()
     g = grads(model)

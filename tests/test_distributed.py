@@ -16,8 +16,15 @@ def _run(out, per_device, nproc, ga=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, os.path.join(HERE, "dist_worker.py"), str(out), str(per_device), str(ga)]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000)] + cmd[1:]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+        ] + cmd[1:]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return torch.load(os.path.join(out, "adapter.pt"))
@@ -44,10 +51,22 @@ def test_fsdp2_two_processes_match_one_process_gradients(tmp_path):
     worker = os.path.join(HERE, "fsdp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     single, sharded = tmp_path / "single.pt", tmp_path / "fsdp.pt"
-    res = subprocess.run([sys.executable, worker, "single", str(single)], env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, worker, "single", str(single)], env=env, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr[-4000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(30500 + os.getpid() % 1000), worker, "fsdp", str(sharded)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(30500 + os.getpid() % 1000),
+        worker,
+        "fsdp",
+        str(sharded),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     one, two = torch.load(single), torch.load(sharded)

@@ -52,10 +52,20 @@ def _trainer(tmp_path, cfg, plugins=(), steps=3, save=False):
         pass
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2,
-        logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="steps" if save else "no", save_steps=1,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        save_strategy="steps" if save else "no",
+        save_steps=1,
     )
-    trainer = T(model=lora(tiny_llama(), init="pissa"), args=args, train_dataset=dataset(8), data_collator=collate)
+    trainer = T(
+        model=lora(tiny_llama(), init="pissa"), args=args, train_dataset=dataset(8), data_collator=collate
+    )
     trainer._balora_setup(cfg, extra_plugins=plugins)
     return trainer
 

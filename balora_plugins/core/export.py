@@ -76,7 +76,9 @@ def plain_lora_config(cfg: dict) -> dict:
     return cfg
 
 
-def export_plain_lora(adapter_dir: str, out_dir: str, *, initial_dir: str | None = None, overwrite: bool = False) -> str:
+def export_plain_lora(
+    adapter_dir: str, out_dir: str, *, initial_dir: str | None = None, overwrite: bool = False
+) -> str:
     """Write a plain LoRA adapter for ``adapter_dir`` into ``out_dir`` and return ``out_dir``.
 
     ``initial_dir`` defaults to the initial adapter saved in its ``balora_ref/`` sub-folder.
@@ -97,7 +99,9 @@ def export_plain_lora(adapter_dir: str, out_dir: str, *, initial_dir: str | None
         _, initial = _read_adapter(initial_dir)
         missing = sorted(k for k in trained if "lora_" in k and k not in initial)
         if missing:
-            raise ValueError(f"initial adapter {initial_dir!r} lacks {len(missing)} LoRA tensors, e.g. {missing[0]!r}")
+            raise ValueError(
+                f"initial adapter {initial_dir!r} lacks {len(missing)} LoRA tensors, e.g. {missing[0]!r}"
+            )
         trained, cfg = convert_state_dicts(trained, initial), plain_lora_config(cfg)
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in trained.items()}, os.path.join(out_dir, ADAPTER_WEIGHTS))
@@ -110,7 +114,9 @@ def export_plain_lora(adapter_dir: str, out_dir: str, *, initial_dir: str | None
     return out_dir
 
 
-def save_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADAPTER, source: str = "default") -> str:
+def save_initial_adapter(
+    peft_model, directory: str, adapter_name: str = REF_ADAPTER, source: str = "default"
+) -> str:
     """Save the frozen step-0 adapter (the reference snapshot) as a loadable PEFT adapter in ``directory``.
 
     Its config keeps the trained adapter's settings but says ``init_lora_weights=True`` and uses the key
@@ -120,7 +126,9 @@ def save_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADA
 
     os.makedirs(directory, exist_ok=True)
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(directory, ADAPTER_WEIGHTS))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(directory, ADAPTER_WEIGHTS)
+    )
     cfg = peft_model.peft_config[source].to_dict()
     cfg["init_lora_weights"] = True
     cfg["inference_mode"] = True
@@ -145,7 +153,9 @@ def load_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADA
 
 def _check_out(out_dir: str, overwrite: bool) -> None:
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir!r} is not empty; choose another directory or pass overwrite=True (--overwrite).")
+        raise FileExistsError(
+            f"{out_dir!r} is not empty; choose another directory or pass overwrite=True (--overwrite)."
+        )
 
 
 __all__ = [

@@ -54,7 +54,9 @@ def has_residual_base(peft_model: nn.Module, adapter: str = "default") -> bool:
     return isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS)
 
 
-def resolve_mode(requested: str, model: nn.Module, ref_model: nn.Module | None, adapter: str = "default") -> str:
+def resolve_mode(
+    requested: str, model: nn.Module, ref_model: nn.Module | None, adapter: str = "default"
+) -> str:
     """The concrete reference mode for ``requested`` (``auto`` picks snapshot for residual inits)."""
     if ref_model is not None:
         return "model"

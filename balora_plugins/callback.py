@@ -1,0 +1,160 @@
+"""`BALoRACallback`: BA-LoRA for the plain transformers ``Trainer`` and its subclasses, in one line::
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[BALoRACallback("iclr2026-nlg")])
+
+A ``TrainerCallback`` sees no inputs, outputs or loss, and editing gradients in the optimizer events would be
+wrong under DeepSpeed (the step has happened), gradient clipping and DDP (SPEC §3.3). So the callback takes a
+handle on its trainer — like transformers' ``JITCheckpointCallback.set_trainer`` and axolotl's KD temperature
+callback — and swaps *that instance's* class for a subclass with :class:`~balora_plugins.hf.BALoRATrainerMixin`
+in front (:func:`~balora_plugins.hf.mix_into`). The regulariser is then part of the loss the Trainer
+backpropagates, scaled like its own loss; the metrics reach ``log_history`` and every ``report_to`` backend;
+checkpoints carry the reference; resume restores it. ``on_train_end`` swaps the class back and removes the
+hidden-state hook.
+
+Getting the handle: ``Trainer.__init__`` fires ``on_init_end`` on the callbacks it was given, with the Trainer
+on the call stack; the callback takes the frame whose ``self`` is a ``Trainer`` holding this very callback. That
+is before ``train()`` loads a checkpoint, so resuming restores the reference from it. A callback added after
+construction (``trainer.add_callback``) never sees ``on_init_end``: write ``BALoRACallback(cfg).attach(trainer)``.
+
+Host losses: the mixin wraps ``Trainer.compute_loss`` whole, so a ``compute_loss_func`` or label smoothing keeps
+computing the task loss (the labels it pops are restored for BA-LoRA) and the regulariser follows the scaling
+rule the Trainer applies to that loss (``LossScaling.from_trainer``): both compose.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from .config import BALoRAConfig
+from .hf import BALoRATrainerMixin, mix_into
+
+__all__ = ["BALoRACallback"]
+
+_NOT_ATTACHED = (
+    "BALoRACallback has no trainer: it was added after the Trainer was built (trainer.add_callback), so it never "
+    "saw Trainer.__init__. Write `BALoRACallback(config).attach(trainer)` before trainer.train() instead (attach "
+    "also registers the callback)."
+)
+
+
+class BALoRACallback(TrainerCallback):
+    """Adds the BA-LoRA regularisers to a ``transformers.Trainer`` (or subclass) it is given to.
+
+    Args:
+        config: a :class:`~balora_plugins.BALoRAConfig`, a preset name (``"iclr2026-nlg"``, ``"iclr2026-nlu"``,
+            ...), a dict of fields, or None for the defaults. ``task`` must match the model: ``nlg`` for a causal
+            LM, ``nlu`` for a sequence classifier.
+        ref_model: an explicit reference model (``reference='model'``); default: the frozen initial adapter.
+        extra_plugins: extra pluggy plugins contributing terms.
+
+    The trainer's model must be a PEFT LoRA model. Errors about the model or the config are raised when the
+    callback attaches (inside ``Trainer(...)`` or ``attach``), before step 1.
+    """
+
+    def __init__(
+        self,
+        config: BALoRAConfig | str | dict | None = None,
+        *,
+        ref_model=None,
+        extra_plugins: Sequence[Any] = (),
+    ):
+        self.config = BALoRAConfig.coerce(config)
+        self.ref_model = ref_model
+        self.extra_plugins = tuple(extra_plugins)
+        self.trainer: Trainer | None = None
+        self._host_cls: type | None = None  # the trainer's own class while the mixin is in, else None
+
+    # ------------------------------------------------------------------ attaching
+    def attach(self, trainer: Trainer) -> BALoRACallback:
+        """Put BA-LoRA into ``trainer`` now (and register this callback with it); returns ``self``.
+
+        Needed only when the callback was not passed to the Trainer's constructor. Call it before ``train()``:
+        on resume the reference adapter is restored while the checkpoint loads, which happens inside ``train()``
+        before any callback event.
+        """
+        if self.trainer is not None and self.trainer is not trainer:
+            raise ValueError(
+                "this BALoRACallback is already attached to another trainer; create one callback per trainer."
+            )
+        if self._host_cls is not None:
+            return self
+        if isinstance(trainer, BALoRATrainerMixin):
+            raise ValueError(
+                f"{type(trainer).__name__} already adds BA-LoRA (a BALoRATrainerMixin subclass such as "
+                "BALoRASFTTrainer, or another BALoRACallback attached first); use one BALoRACallback on a plain "
+                "trainer, or the BA-LoRA trainer without the callback."
+            )
+        host = mix_into(trainer)
+        try:
+            trainer._balora_setup(self.config, ref_model=self.ref_model, extra_plugins=self.extra_plugins)
+        except BaseException:
+            trainer.__class__ = host
+            raise
+        self._host_cls, self.trainer = host, trainer
+        if not any(cb is self for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        return self
+
+    def detach(self) -> None:
+        """Give the trainer its own class back and remove the hidden-state hook (done at the end of training).
+
+        The frozen ``balora_ref`` adapter stays in the model: a later ``save_model`` writes it beside the adapter,
+        where :func:`~balora_plugins.core.export.export_plain_lora` finds it.
+        """
+        trainer, host = self.trainer, self._host_cls
+        if trainer is None or host is None:
+            return
+        trainer.balora.remove_hooks()
+        trainer.__class__ = host
+        for name in ("balora", "_balora_metrics"):
+            trainer.__dict__.pop(name, None)
+        self._host_cls = None
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """``trainer.save_model(output_dir)`` with the BA-LoRA extras, also after ``train()`` has detached us.
+
+        Writes the adapter, ``balora_config.json``, the initial adapter in ``balora_ref/`` and, for PiSSA-like
+        inits, ``plain_lora/`` (a plain LoRA adapter that serves on the untouched base model).
+        """
+        if self.trainer is None:
+            raise RuntimeError(_NOT_ATTACHED)
+        attached = self._host_cls is not None
+        self.attach(self.trainer)
+        try:
+            self.trainer.save_model(output_dir)
+        finally:
+            if not attached:
+                self.detach()
+
+    def _find_trainer(self) -> Trainer | None:
+        """The ``Trainer`` on the call stack whose callbacks hold this callback (inside ``Trainer.__init__``)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, Trainer):
+                handler = getattr(obj, "callback_handler", None)
+                if handler is not None and any(cb is self for cb in handler.callbacks):
+                    return obj
+            frame = frame.f_back
+        return None
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = self._find_trainer()
+        if trainer is not None:
+            self.attach(trainer)  # refuses a second trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError(_NOT_ATTACHED)
+        if self._host_cls is None:  # a second train() call: the first one's on_train_end detached us
+            self.attach(self.trainer)
+        else:  # model_init builds a new model inside train(); prepare() is idempotent for the same model
+            self.trainer.balora.prepare(self.trainer.model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()

@@ -1,0 +1,214 @@
+"""BA-LoRA through ``axolotl train`` on a CPU, end to end, offline, in about a minute.
+
+1. Builds, in a work folder, what ``example_configs/tiny-cpu-balora.yml`` points at: a tiny random Llama
+   checkpoint (``./tiny-llama``, with a word-level tokenizer trained on the data) and 64 alpaca rows.
+2. Checks the YAML (``balora_plugins.axolotl.check``), then runs ``axolotl train tiny-cpu-balora.yml
+   --launcher python`` there (HF_HUB_OFFLINE=1, AXOLOTL_DO_NOT_TRACK=1).
+3. Checks that the BA-LoRA metrics appear in axolotl's logs, that training saved the BA-LoRA artefacts, and
+   that the exported ``plain_lora/`` adapter, loaded with PEFT on the *untouched* base checkpoint, gives the
+   trained model's logits, computed independently as the residual base W − s·B₀A₀ plus the trained adapter.
+
+Usage: ``python integrations/axolotl/run_tiny.py [--workdir DIR]`` (a temporary folder by default).
+Exit status 0 when every check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parents[2] / "example_configs" / "tiny-cpu-balora.yml"
+METRICS = ("balora/consistency", "balora/diversity", "balora/svd", "balora/loss")
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+
+
+def build_assets(workdir: Path, rows: int = 64, seed: int = 0) -> None:
+    """``./data/train.jsonl`` (alpaca rows: add two numbers) and ``./tiny-llama`` (random Llama + tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    data = []
+    for _ in range(rows):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        data.append({"instruction": f"add {a} and {b}", "input": "", "output": f"{a} plus {b} is {a + b}"})
+    (workdir / "data").mkdir(parents=True, exist_ok=True)
+    with open(workdir / "data" / "train.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in data)
+
+    template = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request. ### Instruction: ### Input: ### Response:"
+    )  # axolotl's alpaca prompt words
+    corpus = (
+        [template] + [f"{r['instruction']} {r['output']}" for r in data] + [" ".join(map(str, range(100)))]
+    )
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(
+        corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(workdir / "tiny-llama")
+    tokenizer.save_pretrained(workdir / "tiny-llama")
+
+
+def preflight(workdir: Path) -> None:
+    """``python -m balora_plugins.axolotl.check``, in-process: the YAML lists the plugin and validates."""
+    import yaml
+
+    from balora_plugins.axolotl.check import check_config
+
+    shutil.copy(CONFIG, workdir / CONFIG.name)
+    with open(workdir / CONFIG.name, encoding="utf-8") as f:
+        print(f"BA-LoRA settings: {check_config(yaml.safe_load(f)).to_dict()}")
+
+
+def run_axolotl(workdir: Path) -> str:
+    """Run ``axolotl train`` on the tiny config in ``workdir``; returns its combined output."""
+    exe = Path(sys.executable).with_name("axolotl")
+    cmd = [str(exe) if exe.exists() else "axolotl", "train", CONFIG.name, "--launcher", "python"]
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    (workdir / "axolotl.log").write_text(out, encoding="utf-8")
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); last output:\n{out[-4000:]}")
+    return out
+
+
+def logged_metrics(output: str) -> list[dict]:
+    """The train-step log dicts (``{'loss': ..., 'balora/...': ...}``) the trainer printed."""
+    steps = []
+    for line in output.splitlines():
+        start = line.find("{'loss'")
+        if start >= 0:
+            steps.append(ast.literal_eval(line[start : line.rindex("}") + 1]))
+    return steps
+
+
+def check_export(workdir: Path) -> float:
+    """Max |logit difference| between plain_lora on the untouched base and the trained PiSSA model."""
+    import torch
+    from peft import LoraConfig, PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = workdir / "outputs" / "tiny-balora"
+    base_dir = workdir / "tiny-llama"
+    ids = torch.randint(4, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    served = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), out / "plain_lora"
+    ).eval()
+    with torch.no_grad():
+        served_logits = served(input_ids=ids).logits
+
+    # Independent reconstruction of the trained model: W_res = W - s·B0·A0 (initial adapter), plus the trained
+    # adapter loaded with init_lora_weights=True (so PEFT runs no PiSSA SVD on load).
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    initial = load_file(out / "balora_ref" / "adapter_model.safetensors")
+    modules = dict(base.named_modules())
+    with torch.no_grad():
+        for key, a0 in initial.items():
+            if key.endswith("lora_A.weight"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                b0 = initial[key.replace("lora_A", "lora_B")]
+                modules[name].weight -= scale * (b0 @ a0)
+    peft_cfg = LoraConfig.from_pretrained(out)
+    peft_cfg.init_lora_weights = True
+    trained = PeftModel.from_pretrained(base, out, config=peft_cfg).eval()
+    with torch.no_grad():
+        trained_logits = trained(input_ids=ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits
+    moved = (trained_logits - base_logits).abs().max().item()
+    if moved < 1e-4:
+        raise AssertionError(f"training did not change the model (max logit change {moved:.2e})")
+    return (served_logits - trained_logits).abs().max().item()
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="balora-axolotl-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    build_assets(workdir)
+    preflight(workdir)
+    base_digest = _digest(workdir / "tiny-llama")
+    output = run_axolotl(workdir)
+    steps = logged_metrics(output)
+    missing = [m for m in METRICS if not steps or any(m not in s for s in steps)]
+    if missing:
+        raise AssertionError(
+            f"BA-LoRA metrics {missing} missing from axolotl's step logs ({workdir / 'axolotl.log'})"
+        )
+    out = workdir / "outputs" / "tiny-balora"
+    for rel in (
+        "balora_config.json",
+        "balora_ref/adapter_model.safetensors",
+        "plain_lora/adapter_model.safetensors",
+    ):
+        if not (out / rel).is_file():
+            raise AssertionError(f"{out / rel} was not written")
+    if _digest(workdir / "tiny-llama") != base_digest:
+        raise AssertionError("the base checkpoint was modified")
+    err = check_export(workdir)
+    if err > 1e-4:
+        raise AssertionError(f"plain_lora on the untouched base differs from the trained model by {err:.2e}")
+    result = {
+        "workdir": str(workdir),
+        "steps": len(steps),
+        "first_step": steps[0],
+        "plain_lora_max_abs_err": err,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
