@@ -138,7 +138,9 @@ def test_before_any_update_consistency_is_zero():
     inputs = batch()
     model(**inputs)
     loss, metrics = obj.compute(model, inputs)
-    assert abs(float(loss.detach())) < 1e-9 and metrics["balora/consistency"] < 1e-9
+    # the reference forward forms W_res + s·B₀A₀ in one matmul (core.reference.merged_snapshot_forward): equal to
+    # the student's LoRA path up to fp32 rounding, where a KL of near-equal distributions is ~1e-7, not exactly 0
+    assert abs(float(loss.detach())) < 1e-6 and abs(metrics["balora/consistency"]) < 1e-6
 
 
 def test_packed_rows_shift_labels_and_unshifted_mask():

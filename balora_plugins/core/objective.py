@@ -14,6 +14,7 @@ micro-batches (and, under DDP, over ranks).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -180,7 +181,10 @@ class BALoRAObjective:
                 with torch.no_grad():
                     out = decoder_of(ref.unwrap(self.ref_model))(*cap["args"], **kwargs)
             else:
-                with ref.reference_mode(ref.unwrap(model), self.mode):
+                inner = ref.unwrap(model)
+                with ref.reference_mode(inner, self.mode), contextlib.ExitStack() as stack:
+                    if self.mode == "adapter_snapshot":  # one matmul per projection when cheaper (no copy kept)
+                        stack.enter_context(ref.merged_snapshot_forward(inner))
                     out = self._backbone(*cap["args"], **kwargs)
         finally:
             self._in_reference = False

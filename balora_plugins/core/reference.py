@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -154,3 +155,57 @@ def reference_mode(model: nn.Module, mode: str, ref_adapter: str = REF_ADAPTER) 
             setattr(m, attr, value)
         for m, flag in training:
             m.training = flag
+
+
+def _mergeable(m: nn.Module, adapter: str) -> bool:
+    """A plain PEFT LoRA ``Linear`` whose only active adapter is ``adapter`` (no DoRA/variant, no LoRA bias,
+    nothing merged, not sharded, no forward already patched by someone else)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if not isinstance(m, LoraLinear) or adapter not in m.lora_A or "forward" in m.__dict__:
+        return False
+    base = m.get_base_layer()
+    return (
+        type(base) is nn.Linear
+        and not m.merged
+        and not m.disable_adapters
+        and list(m.active_adapters) == [adapter]
+        and adapter not in getattr(m, "lora_variant", {})
+        and not getattr(m, "use_dora", {}).get(adapter, False)
+        and not getattr(m, "fan_in_fan_out", False)
+        and m.lora_B[adapter].bias is None
+        and not hasattr(base.weight, "to_local")
+    )
+
+
+@contextlib.contextmanager
+def merged_snapshot_forward(model: nn.Module, ref_adapter: str = REF_ADAPTER) -> Iterator[int]:
+    """Inside :func:`reference_mode` (snapshot, no grad): each eligible LoRA ``Linear`` computes
+    x·(W_res + s·B₀A₀)ᵀ with one matmul instead of x·W_resᵀ + s·(x·A₀ᵀ)·B₀ᵀ, when that is cheaper.
+
+    The merged weight is formed per call and freed after it (the base weights are never modified); it is used
+    only when the call has more tokens n than d·d_out/(d + d_out), where forming it (d_out·r·d) costs less than
+    the LoRA path (n·r·(d + d_out)) and the transient weight is no larger than the layer's input and output.
+    Yields the number of patched modules; every ``forward`` is restored on exit.
+    """
+    patched = []
+    for m in model.modules():
+        if _mergeable(m, ref_adapter):
+            m.forward = functools.partial(_merged_forward, m, m.forward, ref_adapter)
+            patched.append(m)
+    try:
+        yield len(patched)
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _merged_forward(m: nn.Module, peft_forward, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    base = m.get_base_layer()
+    w = base.weight
+    d_out, d = w.shape
+    if args or kwargs or torch.is_grad_enabled() or (x.numel() // d) * (d + d_out) <= d * d_out:
+        return peft_forward(x, *args, **kwargs)
+    a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+    merged = torch.addmm(w.to(a.dtype), b, a, alpha=m.scaling[adapter]).to(w.dtype)
+    return torch.nn.functional.linear(x, merged, base.bias)
