@@ -108,3 +108,45 @@ def test_same_seed_same_losses(tmp_path):
         trainer.train()
         runs.append([(h["loss"], h.get("balora/svd")) for h in trainer.state.log_history if "loss" in h])
     assert runs[0] == runs[1]
+
+
+LOAD_WITHOUT_BALORA = r"""
+import sys, torch
+sys.modules["balora_plugins"] = None  # any import of balora_plugins now fails: plain PEFT only
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_llama
+from peft import PeftModel
+ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+for sub in sys.argv[3:]:
+    model = PeftModel.from_pretrained(tiny_llama(), f"{sys.argv[2]}/{sub}")
+    torch.save(model(input_ids=ids).logits, f"{sys.argv[2]}/{sub.replace('/', '_')}.logits.pt")
+"""
+
+
+def test_saved_adapters_load_with_plain_peft_without_balora(tmp_path):
+    """Every saved adapter (checkpoint, final, plain-LoRA export) loads where balora_plugins is not importable;
+    the plain-LoRA export on the untouched base reproduces the trained model."""
+    import subprocess
+
+    trainer = _trainer(tmp_path / "run", BALoRAConfig(), steps=2, save=True)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "run" / "final"))
+    assert os.path.isfile(tmp_path / "run" / "final" / "balora_config.json")
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([[5, 9, 13, 17, 21, 25]])).logits
+    subs = ["checkpoint-2", "final", "final/plain_lora"]
+    script = [
+        sys.executable,
+        "-c",
+        LOAD_WITHOUT_BALORA,
+        os.path.dirname(__file__),
+        str(tmp_path / "run"),
+        *subs,
+    ]
+    res = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    plain = torch.load(tmp_path / "run" / "final_plain_lora.logits.pt")
+    torch.testing.assert_close(plain, expected, rtol=1e-4, atol=1e-5)
+    for sub in subs:  # every adapter loaded and ran
+        assert torch.isfinite(torch.load(tmp_path / "run" / f"{sub.replace('/', '_')}.logits.pt")).all()
