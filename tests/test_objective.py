@@ -211,7 +211,9 @@ def test_packed_reference_uses_the_students_attention_mask(checkpointing, use_ca
         packed["use_cache"] = use_cache
     model(**packed)
     loss, metrics = obj.compute(model, {k: v for k, v in packed.items() if k != "use_cache"})
-    assert metrics["balora/consistency"] < 1e-9
+    # fp32 rounding of the merged-weight reference forward leaves KL ~1e-8 (thread-count dependent); a reference
+    # that lets packed documents attend to each other gives KL orders of magnitude above 1e-6
+    assert metrics["balora/consistency"] < 1e-6
 
 
 def test_gradient_checkpointing_and_dropout_do_not_change_the_terms():
