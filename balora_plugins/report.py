@@ -348,7 +348,7 @@ def write_summary(path: str, results: dict[str, Any], table: str, verdict: Seque
         ]
     lines += ["", "## Plots", ""]
     captions = {
-        "loss": "Training loss per step",
+        "loss": "Training loss per step (for BA-LoRA: the task loss plus the weighted regularisers)",
         "regularizers": "BA-LoRA terms per step (unweighted) and the weighted total",
         "spectrum": "Singular values of the held-out logits, base vs tuned",
     }

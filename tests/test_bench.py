@@ -31,10 +31,17 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     assert set(res) == {"a", "b", "c"}
     for v, r in res.items():
         assert r["step_s"] == pytest.approx(statistics.median(r["step_s_all"])) and len(r["step_s_all"]) == 2
+        assert (
+            r["step_cpu_s"] == pytest.approx(statistics.median(r["step_cpu_s_all"])) and r["step_cpu_s"] > 0
+        )
         assert r["peak_mem_bytes"] > 0 and r["rss_growth_bytes"] is None  # in-process: no RSS figure
         assert r["tokens"] == 48 and r["vocab"] == 300
         assert f"({v}) {bench.VARIANTS[v]}" in table
-    for metric, key in (("step_time", "step_s"), ("peak_memory", "peak_mem_bytes")):
+    for metric, key in (
+        ("step_time", "step_s"),
+        ("step_cpu_time", "step_cpu_s"),
+        ("peak_memory", "peak_mem_bytes"),
+    ):
         for pair in ("b/a", "c/a", "c/b"):
             x, y = pair.split("/")
             assert rat[metric][pair] == pytest.approx(res[x][key] / res[y][key], rel=1e-12)

@@ -207,5 +207,5 @@ def _merged_forward(m: nn.Module, peft_forward, adapter: str, x: torch.Tensor, *
     if args or kwargs or torch.is_grad_enabled() or (x.numel() // d) * (d + d_out) <= d * d_out:
         return peft_forward(x, *args, **kwargs)
     a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
-    merged = torch.addmm(w.to(a.dtype), b, a, alpha=m.scaling[adapter]).to(w.dtype)
+    merged = w.to(a.dtype, copy=True).addmm_(b, a, alpha=m.scaling[adapter]).to(w.dtype)  # one transient weight
     return torch.nn.functional.linear(x, merged, base.bias)
