@@ -188,12 +188,17 @@ def plot_regularizers(histories: dict[str, list[dict[str, Any]]], path: str) -> 
     return True
 
 
-def plot_spectra(spectra: dict[str, Sequence[float]], path: str, top: int = SPECTRUM_TOP) -> bool:
-    """Top singular values of the output logits per model: σ_i, σ_i / ‖Z‖_F, and the change against ``base``."""
+def plot_spectra(
+    spectra: dict[str, Sequence[float]], path: str, top: int = SPECTRUM_TOP, relative: bool = True
+) -> bool:
+    """Top singular values of the output logits per model: σ_i, σ_i / ‖Z‖_F and, when ``relative`` and a ``base``
+    spectrum is given, the change of each σ_i against it (left out for a base with an untrained head)."""
+    from matplotlib.ticker import MaxNLocator
+
     spectra = {k: [float(x) for x in v] for k, v in spectra.items() if v}
     if not spectra:
         return False
-    base = spectra.get("base")
+    base = spectra.get("base") if relative else None
     fig, axes = _figure(3 if base else 2, width=4.4)
     for i, (name, sv) in enumerate(spectra.items()):
         head = sv[:top]
@@ -215,6 +220,7 @@ def plot_spectra(spectra: dict[str, Sequence[float]], path: str, top: int = SPEC
     for ax, title in zip(axes, titles):
         ax.set_yscale("log" if title.startswith("σ") else "linear")
         ax.set_xlabel("i")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
@@ -246,7 +252,10 @@ def render_run_dir(run_dir: str, out_dir: str, results: dict[str, Any] | None = 
         written["loss"] = targets["loss"]
     if plot_regularizers(histories, targets["regularizers"]):
         written["regularizers"] = targets["regularizers"]
-    if results is not None and plot_spectra(results.get("spectra") or {}, targets["spectrum"]):
+    relative = results is not None and results.get("task") != "nlu"  # an NLU base has an untrained head
+    if results is not None and plot_spectra(
+        results.get("spectra") or {}, targets["spectrum"], relative=relative
+    ):
         written["spectrum"] = targets["spectrum"]
     return written
 
