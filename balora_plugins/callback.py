@@ -3,10 +3,10 @@
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[BALoRACallback("iclr2026-nlg")])
 
 A ``TrainerCallback`` sees no inputs, outputs or loss, and editing gradients in the optimizer events would be
-wrong under DeepSpeed (the step has happened), gradient clipping and DDP (SPEC §3.3). So the callback takes a
+wrong under DeepSpeed (the step has happened), gradient clipping and DDP (docs/method.md §3.3). So the callback takes a
 handle on its trainer — like transformers' ``JITCheckpointCallback.set_trainer`` and axolotl's KD temperature
-callback — and swaps *that instance's* class for a subclass with :class:`~balora_plugins.hf.BALoRATrainerMixin`
-in front (:func:`~balora_plugins.hf.mix_into`). The regulariser is then part of the loss the Trainer
+callback — and swaps *that instance's* class for a subclass with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`
+in front (:func:`~balora_plugins.trainer_mixin.mix_into`). The regularizer is then part of the loss the Trainer
 backpropagates, scaled like its own loss; the metrics reach ``log_history`` and every ``report_to`` backend;
 checkpoints carry the reference; resume restores it. ``on_train_end`` swaps the class back and removes the
 hidden-state hook.
@@ -17,8 +17,8 @@ is before ``train()`` loads a checkpoint, so resuming restores the reference fro
 construction (``trainer.add_callback``) never sees ``on_init_end``: write ``BALoRACallback(cfg).attach(trainer)``.
 
 Host losses: the mixin wraps ``Trainer.compute_loss`` whole, so a ``compute_loss_func`` or label smoothing keeps
-computing the task loss (the labels it pops are restored for BA-LoRA) and the regulariser follows the scaling
-rule the Trainer applies to that loss (``LossScaling.from_trainer``): both compose.
+computing the task loss (the labels it pops are restored for BA-LoRA) and the regularizer follows the scaling
+rule the Trainer applies to that loss (``trainer_mixin.host_loss_scaling``): both compose.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from .config import BALoRAConfig
-from .hf import BALoRATrainerMixin, mix_into
+from .trainer_mixin import BALoRATrainerMixin, mix_into
 
 __all__ = ["BALoRACallback"]
 
@@ -42,7 +42,7 @@ _NOT_ATTACHED = (
 
 
 class BALoRACallback(TrainerCallback):
-    """Adds the BA-LoRA regularisers to a ``transformers.Trainer`` (or subclass) it is given to.
+    """Adds the BA-LoRA regularizers to a ``transformers.Trainer`` (or subclass) it is given to.
 
     Args:
         config: a :class:`~balora_plugins.BALoRAConfig`, a preset name (``"iclr2026-nlg"``, ``"iclr2026-nlu"``,

@@ -1,6 +1,6 @@
 """`BALoRAConfig`: every BA-LoRA setting, its presets, validation and (de)serialisation.
 
-The fields follow `../shared/BALORA_SPEC.md` (our statement of arXiv:2408.04556). Each field carries
+The fields follow `docs/method.md` (our statement of arXiv:2408.04556). Each field carries
 its help text in ``metadata["help"]`` (the PEFT/TRL convention), which the axolotl args model and
 the README's key table reuse.
 """
@@ -32,9 +32,9 @@ def _help(text: str, **kw: Any) -> Any:
 
 @dataclass
 class BALoRAConfig:
-    """Configuration of the BA-LoRA regularisers.
+    """Configuration of the BA-LoRA regularizers.
 
-    Total loss ``L = L_task + λ1·L_CR + λ2·L_DR + λ3·L_SVD`` (SPEC §3). Build one with
+    Total loss ``L = L_task + λ1·L_CR + λ2·L_DR + λ3·L_SVD`` (docs/method.md §3). Build one with
     ``BALoRAConfig(...)`` or ``BALoRAConfig.from_preset("iclr2026-nlg", **overrides)``.
     """
 
@@ -179,7 +179,7 @@ class BALoRAConfig:
         }
 
     def lambdas_at(self, progress: float) -> dict[str, float]:
-        """The three weights at ``progress`` = global_step / max_steps in [0, 1] (SPEC §3.1 schedules)."""
+        """The three weights at ``progress`` = global_step / max_steps in [0, 1] (docs/method.md §3.1 schedules)."""
         p = min(max(float(progress), 0.0), 1.0)
         lam = self.lambdas
         if self.consistency_schedule == "cosine":
@@ -321,8 +321,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         svd_norm="nuclear",
     ),
 }
-"""Named settings; ``iclr2026-*`` are the defaults of the current paper (SPEC §3.1), ``v5-*`` the earlier
-formulation (SPEC §3.2)."""
+"""Named settings; ``iclr2026-*`` are the defaults of the current paper (docs/method.md §3.1), ``v5-*`` the earlier
+formulation (docs/method.md §3.2)."""
 
 
 def _field_names() -> set[str]:

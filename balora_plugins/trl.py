@@ -1,9 +1,9 @@
-"""`BALoRASFTTrainer`: TRL's ``SFTTrainer`` with the BA-LoRA regularisers.
+"""`BALoRASFTTrainer`: TRL's ``SFTTrainer`` with the BA-LoRA regularizers.
 
 A drop-in subclass: the same constructor plus ``balora_config`` (a :class:`~balora_plugins.BALoRAConfig`, a preset
 name, a dict, or None for ``"iclr2026-nlg"``), ``ref_model=`` (a separate reference model, optional) and
-``balora_plugins=`` (extra pluggy plugins contributing terms). Everything else — the loss scaling, the metrics,
-saving, resuming — is :class:`~balora_plugins.hf.BALoRATrainerMixin`; the maths is in :mod:`balora_plugins.core`.
+``extra_plugins=`` (extra pluggy plugins contributing terms, the keyword every door uses). Everything else — the loss scaling, the metrics,
+saving, resuming — is :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`; the maths is in :mod:`balora_plugins.core`.
 
 Works with TRL 1.9 – 1.16. TRL 1.9 – 1.14 computes the SFT loss with a chunked NLL and 1.15+ with a fused LM head;
 neither returns logits, so the terms are computed from the decoder backbone's final hidden states, which every
@@ -14,6 +14,7 @@ sets the label to -100), so the core's shifted valid-row mask never pairs a posi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,9 +22,9 @@ from torch import nn
 from trl import SFTTrainer
 
 from .config import BALoRAConfig
-from .core.objective import validate_model
+from .core.model import validate_model
 from .core.reference import is_peft_model, resolve_mode
-from .hf import BALoRATrainerMixin
+from .trainer_mixin import BALoRATrainerMixin
 
 __all__ = ["BALoRASFTTrainer"]
 
@@ -32,11 +33,13 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` + BA-LoRA. Takes every ``SFTTrainer`` argument, plus:
 
     Args:
-        balora_config: the regulariser settings: a ``BALoRAConfig``, a preset name (``"iclr2026-nlg"``,
+        balora_config: the regularizer settings: a ``BALoRAConfig``, a preset name (``"iclr2026-nlg"``,
             ``"v5-nlg"``, ...), a dict of fields, or None (``"iclr2026-nlg"``).
         ref_model: an explicit reference model for the consistency term (default: the frozen initial adapter
             for PiSSA-like inits, the adapter switched off for plain LoRA init; no second model in memory).
-        balora_plugins: extra pluggy plugins implementing the ``balora_plugins`` hooks (additional terms).
+        extra_plugins: extra pluggy plugins implementing the ``balora_plugins`` hooks (additional terms); the
+            same keyword as on :class:`~balora_plugins.callback.BALoRACallback` (``balora_plugins=`` is its
+            deprecated 0.1 spelling).
 
     The model must be a LoRA ``PeftModel`` or come with ``peft_config=LoraConfig(...)``
     (``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` / ``True``). Bad combinations raise before any step.
@@ -48,15 +51,25 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
         *args: Any,
         balora_config: BALoRAConfig | str | dict | None = None,
         ref_model: nn.Module | None = None,
-        balora_plugins: Sequence[Any] = (),
+        extra_plugins: Sequence[Any] = (),
         **kwargs: Any,
     ):
+        if "balora_plugins" in kwargs:  # the 0.1.0 name of extra_plugins
+            if extra_plugins:
+                raise TypeError("pass extra terms once: extra_plugins=... (balora_plugins= is its old name).")
+            warnings.warn(
+                "BALoRASFTTrainer(balora_plugins=...) is renamed extra_plugins=... (the keyword every door uses); "
+                "the old name will be removed in 0.3.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            extra_plugins = kwargs.pop("balora_plugins")
         # A bad config or model fails here, before TRL prepares the data or runs PiSSA's SVD.
         config = BALoRAConfig.coerce(balora_config)
         if isinstance(model, nn.Module):
             _check_before_wrap(model, kwargs.get("peft_config"), config, ref_model)
         super().__init__(model, *args, **kwargs)
-        self._balora_setup(config, ref_model=ref_model, extra_plugins=balora_plugins)
+        self._balora_setup(config, ref_model=ref_model, extra_plugins=extra_plugins)
 
 
 def _check_before_wrap(

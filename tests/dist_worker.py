@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import lora, tiny_llama  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
-from balora_plugins.hf import BALoRATrainerMixin  # noqa: E402
+from balora_plugins.trainer_mixin import BALoRATrainerMixin  # noqa: E402
 
 
 def collate(rows):

@@ -266,9 +266,9 @@ def test_post_lora_load_snapshot_survives_axolotl_and_reproduces_the_pretrained_
         plugin.post_model_load(cfg, model)
 
 
-def test_regularisers_are_exact_under_axolotls_qkv_and_o_lora_kernels(tmp_path, monkeypatch):
+def test_regularizers_are_exact_under_axolotls_qkv_and_o_lora_kernels(tmp_path, monkeypatch):
     """The fused qkv/o kernels read PEFT's adapter state per call, so the reference switch reaches them:
-    loss, regulariser, terms and gradients equal PEFT's forward. (The MLP kernel is Triton: GPU only.)"""
+    loss, regularizer, terms and gradients equal PEFT's forward. (The MLP kernel is Triton: GPU only.)"""
     from axolotl.monkeypatch.lora_kernels import apply_lora_kernel_patches, patch_self_attn_lora
     from transformers.models.llama.modeling_llama import LlamaAttention
 
@@ -368,7 +368,7 @@ def test_trainer_subclasses_axolotls_and_reports_through_its_metric_store(tmp_pa
     # λ = 0: the same run as axolotl's own trainer, step for step.
     h, z = (t.state.log_history[:2] for t in (host, zero))
     assert [s["loss"] for s in h] == pytest.approx([s["loss"] for s in z], rel=1e-5)
-    # λ > 0: the logged loss of step 1 (same weights and batch as the host) = host CE + the logged regulariser,
+    # λ > 0: the logged loss of step 1 (same weights and batch as the host) = host CE + the logged regularizer,
     # and every term reached the logs through axolotl's store (mean over the step's two micro-batches).
     first = reg.state.log_history[0]
     assert first["loss"] == pytest.approx(h[0]["loss"] + first["balora/loss"], abs=2e-4)

@@ -8,12 +8,11 @@ import statistics
 import pytest
 import torch
 
-from balora_plugins import bench
 from balora_plugins import functional as Fn
 from balora_plugins.config import BALoRAConfig
-from balora_plugins.core.fused import KLRows, NegEntropyRows, OutputHead, chunked_row_terms
-from balora_plugins.core.objective import row_function
-from balora_plugins.core.terms import Consistency, EntropyDiversity
+from balora_plugins.core.fused import OutputHead, chunked_row_terms
+from balora_plugins.core.terms import Consistency, EntropyDiversity, KLRows, NegEntropyRows, Term
+from balora_plugins.tools import bench
 
 TINY = [
     "--in-process", "--quiet", "--layers", "1", "--hidden", "32", "--intermediate", "64", "--heads", "4",
@@ -51,9 +50,11 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     assert res["c"]["peak_mem_bytes"] > res["b"]["peak_mem_bytes"]
     t = doc["terms"]
     assert t["consistency"] == pytest.approx(t["reference_forward"] + t["kl_rows"])
-    assert res["b"]["clock"] == t["clock"] == "cpu"  # shares on CPU time, the clock of the term timings on CPU
+    assert (
+        res["b"]["clock"] == t["clock"] == "cpu"
+    )  # shares on CPU time, the clock of the term timings on CPU
     assert t["svd_share"] == pytest.approx(t["svd"] / res["b"]["step_cpu_s"])
-    g = doc["regularisers"]
+    g = doc["regularizers"]
     assert (g["rows"], g["vocab"], g["hidden"]) == (48, 300, 32)
     assert g["fused/plain"] == pytest.approx(g["fused_peak_bytes"] / g["plain_peak_bytes"])
     assert set(doc["targets"]) == set(bench.TARGETS)
@@ -82,7 +83,7 @@ def test_targets_and_ratio_arithmetic():
         "peak memory b/a <= 1.15": True,
         "peak memory c/b >= 1.5": False,  # 1.496
         "SVD term <= 5% of (b) step": False,  # 0.81 / 16 = 5.06 %
-        "regulariser memory fused/plain < 1/8": False,  # strict
+        "regularizer memory fused/plain < 1/8": False,  # strict
         "SVD term < KL term (fused)": True,
     }
     assert doc["terms"]["shares"]["consistency"] == 0.25
@@ -128,19 +129,21 @@ def test_closed_form_kernels_equal_the_autograd_path(kind, top_k):
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5 * float(h2.grad.abs().max()))
 
 
-def test_row_function_uses_kernels_only_for_the_builtin_formulas():
+def test_terms_offer_their_own_kernels_only_for_their_own_formulas():
     cfg = BALoRAConfig.from_preset("iclr2026-nlg")
-    assert isinstance(row_function(Consistency(cfg)), KLRows)
-    assert isinstance(row_function(EntropyDiversity(cfg)), NegEntropyRows)
+    assert isinstance(Consistency(cfg).row_kernel(), KLRows)
+    assert isinstance(EntropyDiversity(cfg).row_kernel(), NegEntropyRows)
     mse = Consistency(BALoRAConfig.from_preset("v5-nlu"))
-    assert not isinstance(row_function(mse), KLRows)  # the MSE consistency keeps its autograd path
+    assert not isinstance(mse.row_kernel(), KLRows)  # the MSE consistency keeps its autograd path
+    plain = Term(name="x")
+    assert plain.row_kernel() == plain.rows  # the default: the term's own rows, through autograd
 
     class Custom(Consistency):
         def rows(self, logits, ref_logits):
             return super().rows(logits, ref_logits) * 2
 
     term = Custom(cfg)
-    assert row_function(term) == term.rows  # a subclass's own formula is honoured
+    assert term.row_kernel() == term.rows  # a subclass's own formula is honoured
 
 
 def test_merged_snapshot_forward_equals_the_lora_path_and_restores():

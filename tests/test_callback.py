@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from balora_plugins import BALoRAConfig
 from balora_plugins import functional as Fn
 from balora_plugins.callback import BALoRACallback
-from balora_plugins.hf import BALoRATrainerMixin
+from balora_plugins.trainer_mixin import BALoRATrainerMixin
 
 NUM_LABELS = 4
 BERT_TARGETS = ("query", "key", "value", "dense")
@@ -134,7 +134,7 @@ def test_lambda_zero_reproduces_plain_trainer_and_restores_class(task, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- the loss itself
 def _reference_maths(task, config, logits, ref_logits, labels) -> torch.Tensor:
-    """λ1·L_CR + λ2·L_DR + λ3·L_SVD on full logits (SPEC §3.1), written out without the core."""
+    """λ1·L_CR + λ2·L_DR + λ3·L_SVD on full logits (docs/method.md §3.1), written out without the core."""
     if task == "nlg":
         z, zr = Fn.select_positions(logits, labels), Fn.select_positions(ref_logits, labels)
         div = Fn.diversity_loss(z, kind="entropy", top_k=20)
@@ -158,7 +158,7 @@ def _user_loss(outputs, labels, num_items_in_batch=None):
 
 @pytest.mark.parametrize("host", ["plain", "label_smoothing", "compute_loss_func"])
 @pytest.mark.parametrize("task", ["nlg", "nlu"])
-def test_loss_is_host_loss_plus_regulariser(task, host, tmp_path):
+def test_loss_is_host_loss_plus_regularizer(task, host, tmp_path):
     """compute_loss = the host's own loss (plain, label-smoothed or compute_loss_func) + the BA-LoRA terms computed
     independently from full logits and a copy of the pre-trained model (the reference)."""
     base = tiny_llama() if task == "nlg" else tiny_bert_classifier(num_labels=NUM_LABELS)

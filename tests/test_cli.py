@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import batch, lora, tiny_llama
 
-from balora_plugins import cli
-from balora_plugins.demo import extract_answer, macro_f1
+from balora_plugins.tools import cli
+from balora_plugins.tools.demo import extract_answer, macro_f1
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,7 +76,7 @@ def test_refuses_non_empty_out_before_training(capsys, tmp_path):
     (out / "notes.txt").write_text("mine")
     code, _, err = _run(["demo", "--tiny", "--out", str(out)], capsys)
     assert code == 2
-    assert "is not empty; pass --overwrite" in err
+    assert "is not empty; choose another directory or pass overwrite=True (--overwrite)" in err
     assert sorted(os.listdir(out)) == ["notes.txt"]
     code, _, err = _run(["export", str(tmp_path), "--out", str(out)], capsys)
     assert code == 2 and "is not empty" in err
@@ -95,8 +95,8 @@ def nlg_demo(tmp_path_factory):
 def _held_out(out, results):
     from transformers import AutoTokenizer
 
-    from balora_plugins import assets
-    from balora_plugins.demo import DemoSettings, gsm_splits
+    from balora_plugins.tools import assets
+    from balora_plugins.tools.demo import DemoSettings, gsm_splits
 
     s = DemoSettings(**{**results["settings"], "out": str(out)})
     tok = AutoTokenizer.from_pretrained(out / "base_model")
@@ -249,7 +249,7 @@ def _state(steps, offset=0.0, balora=True):
 
 def test_report_on_trainer_checkpoints(tmp_path, capsys):
     """A transformers/TRL/axolotl output dir with only checkpoints: the latest checkpoint's log is used."""
-    from balora_plugins.report import find_runs, load_history, series, term_names
+    from balora_plugins.tools.report import find_runs, load_history, series, term_names
 
     run = tmp_path / "run"
     for step, offset in ((5, 100.0), (10, 0.0)):
@@ -343,9 +343,9 @@ def test_export_pissa_adapter_serves_on_untouched_base(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- bench, helpers
 def test_bench_dispatches_remaining_arguments(monkeypatch):
     seen = []
-    fake = types.ModuleType("balora_plugins.bench")
+    fake = types.ModuleType("balora_plugins.tools.bench")
     fake.main = lambda argv: seen.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "balora_plugins.bench", fake)
+    monkeypatch.setitem(sys.modules, "balora_plugins.tools.bench", fake)
     assert cli.main(["bench", "--help", "--steps", "3"]) == 7
     assert seen == [["--help", "--steps", "3"]]
 

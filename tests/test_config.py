@@ -1,4 +1,4 @@
-"""BALoRAConfig: validation messages, presets against SPEC §3, (de)serialisation, schedules."""
+"""BALoRAConfig: validation messages, presets against docs/method.md §3, (de)serialisation, schedules."""
 
 from __future__ import annotations
 
@@ -108,7 +108,9 @@ def test_unknown_preset_and_keys():
 
 # ---------------------------------------------------------------------------------------------- presets
 def test_presets_reproduce_spec():
-    nlg = BALoRAConfig.from_preset("iclr2026-nlg")  # SPEC §3.1 NLG defaults + the authors' schedules
+    nlg = BALoRAConfig.from_preset(
+        "iclr2026-nlg"
+    )  # docs/method.md §3.1 NLG defaults + the authors' schedules
     assert (nlg.lambda_consistency, nlg.lambda_diversity, nlg.lambda_svd) == (0.025, 0.005, 0.005)
     assert (nlg.svd_top_k, nlg.diversity_top_k, nlg.temperature) == (10, 20, 2.0)
     assert (nlg.consistency_kind, nlg.consistency_temperature, nlg.diversity_kind) == ("kl", 2.0, "entropy")
@@ -116,7 +118,7 @@ def test_presets_reproduce_spec():
     assert (nlg.consistency_schedule, nlg.regularizer_schedule) == ("cosine", "warmup")
     assert (nlg.cosine_final_ratio, nlg.warmup_start, nlg.warmup_ramp) == (0.1, 0.2, 0.05)
 
-    nlu = BALoRAConfig.from_preset("iclr2026-nlu")  # SPEC §3.1 NLU
+    nlu = BALoRAConfig.from_preset("iclr2026-nlu")  # docs/method.md §3.1 NLU
     assert (nlu.lambda_consistency, nlu.lambda_diversity, nlu.lambda_svd) == (0.15, 0.03, 0.03)
     assert (nlu.svd_top_k, nlu.consistency_temperature) == (5, 2.0)
     assert (nlu.consistency_kind, nlu.diversity_kind, nlu.resolved_svd_norm) == (
@@ -125,7 +127,7 @@ def test_presets_reproduce_spec():
         "nuclear",
     )
 
-    for name in ("v5-nlg", "v5-nlu"):  # SPEC §3.2
+    for name in ("v5-nlg", "v5-nlu"):  # docs/method.md §3.2
         v5 = BALoRAConfig.from_preset(name)
         assert (v5.lambda_consistency, v5.lambda_diversity, v5.lambda_svd) == (1e-4, 3e-4, 1e-4)
         assert v5.svd_top_k == 3 and v5.resolved_svd_norm == "nuclear" and v5.consistency_temperature == 1.0

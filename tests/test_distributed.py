@@ -1,4 +1,4 @@
-"""DDP (2 CPU processes, gloo) follows the one-process trajectory for the token-level terms (SPEC §3.3)."""
+"""DDP (2 CPU processes, gloo) follows the one-process trajectory for the token-level terms (docs/method.md §3.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Export (SPEC §1): a PiSSA-trained adapter becomes a plain LoRA adapter serving on the untouched base model."""
+"""Export (docs/method.md §1): a PiSSA-trained adapter becomes a plain LoRA adapter serving on the untouched base model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`balora_plugins.functional` against independent float64 numpy / Python-loop computations of SPEC §3."""
+"""`balora_plugins.functional` against independent float64 numpy / Python-loop computations of docs/method.md §3."""
 
 from __future__ import annotations
 

@@ -7,14 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from balora_plugins import functional as Fn
-from balora_plugins.core.fused import (
-    HiddenView,
-    KLRows,
-    LogitsView,
-    NegEntropyRows,
-    OutputHead,
-    chunked_row_terms,
-)
+from balora_plugins.core.fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
+from balora_plugins.core.terms import KLRows, NegEntropyRows
 
 M, D, V = 10, 6, 40
 T, K = 2.0, 5

@@ -12,7 +12,9 @@ from torch import nn
 
 from balora_plugins import BALoRAConfig
 from balora_plugins import functional as Fn
-from balora_plugins.core.objective import BALoRAObjective, LossScaling, validate_model
+from balora_plugins.core.model import validate_model
+from balora_plugins.core.objective import BALoRAObjective, LossScaling
+from balora_plugins.trainer_mixin import host_loss_scaling
 
 SEL = Fn.select_positions
 
@@ -43,7 +45,7 @@ def _assert_grads_close(a, b, rtol=1e-5):
 
 
 def _functional_nlg(cfg, logits, ref_logits, labels):
-    """The regulariser on full materialised logits with the public functional API (SPEC §3)."""
+    """The regularizer on full materialised logits with the public functional API (docs/method.md §3)."""
     z, zr = SEL(logits, labels), SEL(ref_logits, labels)
     lam = cfg.lambdas
     return (
@@ -321,20 +323,20 @@ def test_loss_scaling_rules_and_from_trainer():
             setattr(t, k, v)
         return t
 
-    got = LossScaling.from_trainer(trainer(), torch.tensor(96))
+    got = host_loss_scaling(trainer(), torch.tensor(96))
     assert got == LossScaling(num_items_in_batch=96.0, world_factor=2.0, ga_steps=4, host_divides_by_ga=False)
-    got = LossScaling.from_trainer(trainer(avg=False), 96)
+    got = host_loss_scaling(trainer(avg=False), 96)
     assert (got.world_factor, got.host_divides_by_ga) == (1.0, False)
     # the model does not take num_items_in_batch: the host averages per micro-batch and divides by GA
-    got = LossScaling.from_trainer(trainer(accepts=False), None)
+    got = host_loss_scaling(trainer(accepts=False), None)
     assert got == LossScaling(num_items_in_batch=None, world_factor=1.0, ga_steps=4, host_divides_by_ga=True)
     # transformers >= 5.2x: a subclass may declare its loss per-batch (`loss_is_scaled_for_ga=False`)
-    got = LossScaling.from_trainer(trainer(loss_is_scaled_for_ga=False), 96)
+    got = host_loss_scaling(trainer(loss_is_scaled_for_ga=False), 96)
     assert got.host_divides_by_ga is True
-    got = LossScaling.from_trainer(trainer(accepts=False, compute_loss_func=lambda *a, **k: 0.0), 96)
+    got = host_loss_scaling(trainer(accepts=False, compute_loss_func=lambda *a, **k: 0.0), 96)
     assert got.host_divides_by_ga is False and got.world_factor == 2.0
     # tensor-parallel ranks see the same batch: the host multiplies by num_processes // tp_size
-    got = LossScaling.from_trainer(trainer(procs=8, get_tp_size=lambda: 2), 96)
+    got = host_loss_scaling(trainer(procs=8, get_tp_size=lambda: 2), 96)
     assert got.world_factor == 4.0
 
 
@@ -356,8 +358,8 @@ def test_nan_reference_skips_only_consistency(monkeypatch):
         lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3, diversity_top_k=5
     )
     model, obj = _nlg_setup(cfg)
-    real = obj._reference_hidden
-    monkeypatch.setattr(obj, "_reference_hidden", lambda m: real(m) * float("nan"))
+    real = obj.reference_hidden
+    monkeypatch.setattr(obj, "reference_hidden", lambda m: real(m) * float("nan"))
     inputs = batch()
     logits = model(**inputs).logits
     with pytest.warns(RuntimeWarning, match="'consistency' is not finite"):

@@ -1,4 +1,4 @@
-"""The pre-trained reference (SPEC §2): snapshot adapter, disabled adapter, separate model; state restored."""
+"""The pre-trained reference (docs/method.md §2): snapshot adapter, disabled adapter, separate model; state restored."""
 
 from __future__ import annotations
 

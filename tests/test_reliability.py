@@ -1,4 +1,4 @@
-"""Faults and user-owned outputs (issue 8): non-finite terms are skipped, weights stay finite, and a second
+"""Faults and user-owned outputs: non-finite terms are skipped, weights stay finite, and a second
 run never silently overwrites the BA-LoRA checkpoints of a first one."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dist_worker import collate, dataset  # noqa: E402
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.core.hookspecs import hookimpl  # noqa: E402
 from balora_plugins.core.terms import ROW, Term  # noqa: E402
-from balora_plugins.hf import BALoRATrainerMixin  # noqa: E402
+from balora_plugins.trainer_mixin import BALoRATrainerMixin  # noqa: E402
 
 
 class NaNOnSecondCall(Term):

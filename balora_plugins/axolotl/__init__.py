@@ -9,7 +9,7 @@ Hooks, in the order axolotl calls them:
 * ``post_lora_load``: validates the PEFT model and adds the frozen snapshot of the initial (PiSSA) adapter.
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
 * ``get_trainer_cls`` / ``post_trainer_create``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT
-  trainer with :class:`~balora_plugins.hf.BALoRATrainerMixin` in front), set up with the YAML's config.
+  trainer with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), set up with the YAML's config.
 * ``post_train``: saves the final adapter through the trainer and writes ``plain_lora/`` beside it.
 
 axolotl only *logs* a plugin whose import raises ``ImportError`` and then drops its keys, so a broken install
@@ -38,7 +38,7 @@ __all__ = ["BALoRAPlugin", "BALoRAArgs"]
 
 
 class BALoRAPlugin(BasePlugin):
-    """BA-LoRA regularisers (consistency, diversity, SVD) for axolotl's LoRA SFT."""
+    """BA-LoRA regularizers (consistency, diversity, SVD) for axolotl's LoRA SFT."""
 
     def __init__(self):
         super().__init__()

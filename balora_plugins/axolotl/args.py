@@ -105,13 +105,13 @@ def check_host_settings(data: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"{key}={data[key]!r}: the BA-LoRA plugin supports supervised fine-tuning only (its trainer "
                 "subclasses axolotl's SFT trainer); preference/RL and reward-model trainers would run WITHOUT the "
-                f"regularisers. Remove `{key}` or remove the plugin and the balora_* keys."
+                f"regularizers. Remove `{key}` or remove the plugin and the balora_* keys."
             )
     if data.get("adapter") != "lora":
         raise ValueError(
             f"adapter={data.get('adapter')!r}: BA-LoRA needs `adapter: lora` (PiSSA via `peft_init_lora_weights: "
             "pissa` or `pissa_niter_16`, or plain LoRA init). QLoRA's quantised base cannot hold PiSSA's residual "
-            "and full fine-tuning has no adapter to regularise."
+            "and full fine-tuning has no adapter to regularize."
         )
     if data.get("relora"):
         raise ValueError(

@@ -1,7 +1,7 @@
 """The trainer the BA-LoRA plugin hands to axolotl: axolotl's own SFT trainer with the shared mixin in front.
 
-Packing, optimizers, schedulers and checkpointing stay axolotl's; :class:`~balora_plugins.hf.BALoRATrainerMixin`
-adds the regulariser, the saved reference and the plain-LoRA export. Metrics go through axolotl's metric
+Packing, optimizers, schedulers and checkpointing stay axolotl's; :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`
+adds the regularizer, the saved reference and the plain-LoRA export. Metrics go through axolotl's metric
 store (``store_metrics``), so they are reduced and rounded like axolotl's own and reach every ``report_to``.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.import_helper import get_cls_from_module_str
 
-from ..hf import BALoRATrainerMixin
+from ..trainer_mixin import BALoRATrainerMixin
 
 
 class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):

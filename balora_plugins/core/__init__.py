@@ -1,26 +1,60 @@
-"""Framework-free BA-LoRA core: fused terms, reference, objective, export, plugin hooks."""
+"""Framework-free BA-LoRA core: the terms and their fused kernels, the reference, the objective, the export,
+the model facts and the plugin hooks. Everything a program built on the library may use is named here."""
 
-from .export import export_plain_lora, load_initial_adapter, save_initial_adapter
-from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
+from .export import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    INITIAL_DIR,
+    export_merged,
+    export_plain_lora,
+    find_initial_adapter,
+    load_initial_adapter,
+    require_empty_dir,
+    save_initial_adapter,
+)
+from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms, clear_factor_cache
 from .hookspecs import hookimpl
+from .model import check_reference_head, decoder_of, output_head, validate_model
 from .objective import BALoRAObjective, LossScaling
-from .plugins import plugin_manager
-from .reference import REF_ADAPTER, reference_mode
-from .terms import Term
+from .plugins import collect_terms, plugin_manager
+from .reference import REF_ADAPTER, has_residual_base, is_peft_model, reference_mode, unwrap
+from .terms import MATRIX, ROW, Consistency, EntropyDiversity, KLRows, NegEntropyRows, SVDShare, Term
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
     "BALoRAObjective",
-    "LossScaling",
-    "OutputHead",
+    "Consistency",
+    "EntropyDiversity",
     "HiddenView",
+    "INITIAL_DIR",
+    "KLRows",
     "LogitsView",
-    "chunked_row_terms",
+    "LossScaling",
+    "MATRIX",
+    "NegEntropyRows",
+    "OutputHead",
+    "REF_ADAPTER",
+    "ROW",
+    "SVDShare",
     "Term",
+    "check_reference_head",
+    "chunked_row_terms",
+    "clear_factor_cache",
+    "collect_terms",
+    "decoder_of",
+    "export_merged",
+    "export_plain_lora",
+    "find_initial_adapter",
+    "has_residual_base",
     "hookimpl",
+    "is_peft_model",
+    "load_initial_adapter",
+    "output_head",
     "plugin_manager",
     "reference_mode",
-    "REF_ADAPTER",
-    "export_plain_lora",
+    "require_empty_dir",
     "save_initial_adapter",
-    "load_initial_adapter",
+    "unwrap",
+    "validate_model",
 ]

@@ -86,7 +86,7 @@ def export_plain_lora(
     Refuses to write into a non-empty ``out_dir`` unless ``overwrite``.
     """
     cfg, trained = _read_adapter(adapter_dir)
-    _check_out(out_dir, overwrite)
+    require_empty_dir(out_dir, overwrite)
     init = cfg.get("init_lora_weights", True)
     residual = isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
     if residual:
@@ -151,14 +151,74 @@ def load_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADA
         p.requires_grad_(n in trainable)
 
 
-def _check_out(out_dir: str, overwrite: bool) -> None:
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+def export_merged(adapter_dir: str, out: str, *, base: str | None = None, overwrite: bool = False) -> str:
+    """Write the merged full model of ``adapter_dir`` on the untouched ``base`` into ``out``; returns ``out``.
+
+    The adapter is first converted to plain LoRA (:func:`export_plain_lora`), so a PiSSA-trained adapter merges
+    into the untouched base; ``base`` defaults to the adapter's ``base_model_name_or_path``.
+    """
+    import tempfile
+
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
+        cfg = json.load(f)
+    base = base or cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"merging needs the untouched base model: {adapter_dir!r} names none (base_model_name_or_path); "
+            "pass base=... (`balora export --merge --base PATH`)."
+        )
+    require_empty_dir(out, overwrite)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = export_plain_lora(adapter_dir, os.path.join(tmp, "plain_lora"))
+        if cfg.get("task_type") == "SEQ_CLS":
+            num_labels = _num_labels(plain)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=num_labels, dtype=torch.float32
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, plain).merge_and_unload()
+        merged.save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    except (OSError, ValueError, TypeError):
+        pass  # a base without a tokenizer: the merged weights are still complete
+    return out
+
+
+def _num_labels(adapter_dir: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                return int(f.get_slice(key).get_shape()[0])
+    raise ValueError(
+        f"cannot tell the number of labels of the SEQ_CLS adapter {adapter_dir!r} (no classifier weight)."
+    )
+
+
+def require_empty_dir(path: str, overwrite: bool = False, *, what: str = "output directory") -> None:
+    """Refuse to write into ``path`` when it is a file, or a non-empty directory and ``overwrite`` is False.
+
+    The one check every writer of user-owned folders (exports, the demo's report, ``balora export``) runs before
+    any work, so nothing the user owns is replaced silently.
+    """
+    if os.path.isfile(path):
+        raise FileExistsError(f"{what} {path!r} is a file; pass a directory.")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(
-            f"{out_dir!r} is not empty; choose another directory or pass overwrite=True (--overwrite)."
+            f"{what} {path!r} is not empty; choose another directory or pass overwrite=True (--overwrite)."
         )
 
 
 __all__ = [
+    "require_empty_dir",
+    "export_merged",
     "export_plain_lora",
     "convert_state_dicts",
     "plain_lora_config",

@@ -5,11 +5,12 @@ Nothing here materialises the (M, |V|) logits of a micro-batch:
 * row terms (consistency, entropy) run one chunk of ``chunk_size`` positions at a time in fp32; the gradient
   with respect to the hidden states is computed inside the forward (one chunk alive at a time, as in
   Liger-Kernel's fused linear losses) and replayed in backward, so peak extra memory is one chunk × |V|;
-  the built-in KL and top-K entropy come as kernels with closed-form gradients (:class:`KLRows`,
-  :class:`NegEntropyRows`) that skip autograd inside the chunk — about five (chunk, |V|) fp32 buffers at
-  the peak instead of seven, and fewer full-width passes; any other row function goes through autograd;
+  each term hands the driver its own per-chunk kernel (:meth:`~balora_plugins.core.terms.Term.row_kernel`):
+  the built-in KL and top-K entropy come with closed-form gradients (``rows_and_grad``) that skip autograd
+  inside the chunk — about five (chunk, |V|) fp32 buffers at the peak instead of seven, and fewer full-width
+  passes; any other row function goes through autograd;
 * the SVD term uses σ(H·Wᵀ) = σ(H·Rᵀ) with RᵀR = WᵀW (d×d, cached while the head is unchanged), and
-  ‖H·Wᵀ‖_F = ‖H·Rᵀ‖_F: exact, no randomised approximation (SPEC §3.3).
+  ‖H·Wᵀ‖_F = ‖H·Rᵀ‖_F: exact, no randomised approximation (docs/method.md §3.3).
 
 A head with a bias is handled by augmenting H with a column of ones; a constant logit scale multiplies H.
 Final-logit soft-capping is nonlinear: :class:`HiddenView` then falls back to materialising the logits for
@@ -23,8 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from .. import functional as Fn
 
 
 # ---------------------------------------------------------------------------------------------- the head
@@ -55,7 +54,9 @@ class OutputHead:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
-    def grad_hidden(self, grad_logits: torch.Tensor, logits: torch.Tensor, weight32: torch.Tensor) -> torch.Tensor:
+    def grad_hidden(
+        self, grad_logits: torch.Tensor, logits: torch.Tensor, weight32: torch.Tensor
+    ) -> torch.Tensor:
         """dL/dh (M, d) from dL/dz (M, V) for z = ``self.logits(h)`` (``logits``); may overwrite ``grad_logits``."""
         g = grad_logits
         if self.softcap is not None:  # z = c·tanh(u/c): dz/du = 1 − (z/c)²
@@ -104,6 +105,11 @@ class OutputHead:
 
 
 _FACTOR_CACHE: dict = {}
+
+
+def clear_factor_cache() -> None:
+    """Forget the cached Gram factor (the next :meth:`OutputHead.gram_factor` recomputes it)."""
+    _FACTOR_CACHE.clear()
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -160,64 +166,6 @@ class HiddenView(LogitsView):
 
 # ---------------------------------------------------------------------------------------------- row terms
 RowFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-class KLRows:
-    """Row function T²·KL(softmax(z_ref/T) ‖ softmax(z/T)) with its closed-form gradient T·(p − q).
-
-    Calling it gives the same values as :func:`balora_plugins.functional.kl_rows`; :meth:`rows_and_grad` lets
-    the chunked driver skip autograd (fewer full-width passes and buffers per chunk).
-    """
-
-    def __init__(self, temperature: float = 1.0):
-        self.temperature = float(temperature)
-
-    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
-        return Fn.kl_rows(z, z_ref, self.temperature)
-
-    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
-        """Per-row values (n,) and ``acc`` += weight·∂Σvalues/∂z (allocated when None; untouched without grad)."""
-        t = self.temperature
-        logp = torch.log_softmax(z / t, dim=-1)
-        logq = torch.log_softmax(z_ref / t, dim=-1)
-        q = logq.exp()
-        values = (t * t) * logq.sub_(logp).mul_(q).sum(-1)
-        del logq
-        if need_grad:
-            g = logp.exp_().sub_(q)  # p − q, in the log p buffer; ∂/∂z = T·(p − q)
-            acc = g.mul_(weight * t) if acc is None else acc.add_(g, alpha=weight * t)
-        return values, acc
-
-
-class NegEntropyRows:
-    """Row function −H(softmax of the row's ``top_k`` largest logits) (0 = all) with its closed-form gradient.
-
-    Same values as ``-functional.entropy_rows(z, top_k)``; for L = Σπ·log π over the kept logits u,
-    ∂L/∂u = π·(log π + H), scattered back to the kept columns.
-    """
-
-    def __init__(self, top_k: int = 0):
-        self.top_k = int(top_k)
-
-    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
-        return -Fn.entropy_rows(z, self.top_k)
-
-    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
-        idx = None
-        u = z
-        if 0 < self.top_k < z.shape[-1]:
-            u, idx = z.topk(self.top_k, dim=-1, sorted=False)
-        logpi = torch.log_softmax(u, dim=-1)
-        pi = logpi.exp()
-        ent = -(pi * logpi).sum(-1)
-        if need_grad:
-            g = pi.mul_(logpi.add_(ent[:, None])).mul_(weight)
-            if idx is None:
-                acc = g if acc is None else acc.add_(g)
-            else:
-                acc = torch.zeros_like(z) if acc is None else acc
-                acc.scatter_add_(-1, idx, g)
-        return -ent, acc
 
 
 class _ChunkedRowTerms(torch.autograd.Function):

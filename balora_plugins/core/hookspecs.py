@@ -1,4 +1,4 @@
-"""pluggy hook specifications: how a regulariser term joins the BA-LoRA objective.
+"""pluggy hook specifications: how a regularizer term joins the BA-LoRA objective.
 
 The three built-in terms (:mod:`balora_plugins.core.terms`) are registered exactly like a third-party
 package's: through the ``balora_plugins`` entry-point group. To add a term without forking, ship a module

@@ -2,7 +2,7 @@
 
 It validates the model, installs the reference (:mod:`.reference`), captures the decoder backbone's final
 hidden states (the stable place every TRL/transformers version computes), and on each micro-batch returns
-the weighted regulariser loss — scaled exactly as the host trainer scales its cross-entropy (SPEC §3.3) —
+the weighted regularizer loss — scaled exactly as the host trainer scales its cross-entropy (docs/method.md §3.3) —
 together with per-term metrics.
 
 Scaling (see :class:`LossScaling`): a row term (consistency; NLG entropy) is a sum over valid rows divided
@@ -27,11 +27,10 @@ from torch import nn
 from ..config import BALoRAConfig
 from ..functional import valid_position_mask
 from . import reference as ref
-from .fused import HiddenView, KLRows, LogitsView, NegEntropyRows, OutputHead, chunked_row_terms
+from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
+from .model import check_reference_head, decoder_of, output_head, validate_model
 from .plugins import collect_terms
-from .terms import MATRIX, ROW, Consistency, EntropyDiversity, Term
-
-QUANT_MODULES = ("Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "AwqLinear", "QLinear")
+from .terms import MATRIX, ROW, Term
 
 
 # ---------------------------------------------------------------------------------------------- scaling
@@ -66,26 +65,6 @@ class LossScaling:
 
     def matrix_weight(self, lam: float) -> float:
         return lam if self.host_divides_by_ga else lam / max(self.ga_steps, 1)
-
-    @classmethod
-    def from_trainer(cls, trainer: Any, num_items_in_batch: Any) -> LossScaling:
-        """Read the scaling rules off a transformers ``Trainer`` (or subclass: TRL, axolotl) for this step."""
-        args = trainer.args
-        ga = getattr(trainer, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
-        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) or (
-                getattr(trainer, "compute_loss_func", None) is not None
-            )
-        n = None if num_items_in_batch is None else float(torch.as_tensor(num_items_in_batch).sum().item())
-        world = 1.0
-        if n is not None and getattr(args, "average_tokens_across_devices", False):
-            # as Trainer/SFTTrainer.compute_loss: tensor-parallel ranks share a batch, DataParallel uses n_gpu
-            tp = trainer.get_tp_size() if callable(getattr(trainer, "get_tp_size", None)) else 1
-            world = float(trainer.accelerator.num_processes // max(int(tp), 1))
-            if getattr(args, "n_gpu", 1) > 1:
-                world = float(args.n_gpu)
-        return cls(num_items_in_batch=n, world_factor=world, ga_steps=int(ga), host_divides_by_ga=not scaled)
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -144,6 +123,15 @@ class BALoRAObjective:
                 check_reference_head(self.head, self.ref_model)
         return self
 
+    @property
+    def captured_hidden(self) -> torch.Tensor | None:
+        """The final hidden states (B, T, d) of the student's last decoder forward (NLG), or None."""
+        return None if self._captured is None else self._captured["hidden"]
+
+    def release_capture(self) -> None:
+        """Drop the captured forward (its hidden states and inputs) once it has been used."""
+        self._captured = None
+
     def remove_hooks(self) -> None:
         if self._hook is not None:
             self._hook.remove()
@@ -163,7 +151,8 @@ class BALoRAObjective:
         self._captured = {"args": args, "kwargs": kwargs, "hidden": hidden, "used_cache": used_cache}
 
     # ------------------------------------------------------------------ reference forwards
-    def _reference_hidden(self, model: nn.Module) -> torch.Tensor:
+    def reference_hidden(self, model: nn.Module) -> torch.Tensor:
+        """The reference's final hidden states (B, T, d) for the micro-batch the student just ran (no grad)."""
         cap = self._captured
         kwargs = dict(cap["kwargs"])
         # Same attention mask as the student's forward: transformers 5 builds a block-diagonal mask for packed
@@ -183,7 +172,9 @@ class BALoRAObjective:
             else:
                 inner = ref.unwrap(model)
                 with ref.reference_mode(inner, self.mode), contextlib.ExitStack() as stack:
-                    if self.mode == "adapter_snapshot":  # one matmul per projection when cheaper (no copy kept)
+                    if (
+                        self.mode == "adapter_snapshot"
+                    ):  # one matmul per projection when cheaper (no copy kept)
                         stack.enter_context(ref.merged_snapshot_forward(inner))
                     out = self._backbone(*cap["args"], **kwargs)
         finally:
@@ -209,7 +200,7 @@ class BALoRAObjective:
         scaling: LossScaling | None = None,
         progress: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted regulariser loss of the micro-batch the model just ran, and its metrics.
+        """Weighted regularizer loss of the micro-batch the model just ran, and its metrics.
 
         Args:
             model: the (possibly wrapped) PEFT model that ran the forward.
@@ -255,7 +246,7 @@ class BALoRAObjective:
 
     def _row_loss(self, terms, rows, ref_rows, weights, scaling, by_items, m, metrics) -> torch.Tensor:
         while terms:
-            fns = [row_function(t) for t in terms]
+            fns = [t.row_kernel() for t in terms]
             w = [scaling.row_weight(weights[t.name], m, by_items) for t in terms]
             if self.head is not None and self.config.task == "nlg":
                 total, sums = chunked_row_terms(rows, ref_rows, self.head, fns, w, self.config.chunk_size)
@@ -282,18 +273,19 @@ class BALoRAObjective:
         hidden = self._captured["hidden"]
         # read the head afresh: FSDP2 swaps the module's parameters after prepare()
         self.head = output_head(ref.unwrap(model).get_base_model())
-        mask = self._valid_mask(inputs, hidden)
+        mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
         if not bool(mask.any()):
             self._finite("no_valid_rows", torch.tensor(float("nan")), metrics)
             self._captured = None
             return None, None, None, True
         rows = hidden[mask]
-        ref_rows = self._reference_hidden(model)[mask] if need_ref else None
+        ref_rows = self.reference_hidden(model)[mask] if need_ref else None
         self._captured = None
         return rows, ref_rows, HiddenView(rows, self.head), True
 
-    def _valid_mask(self, inputs, hidden) -> torch.Tensor:
+    def valid_mask(self, inputs: Mapping[str, Any], hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the positions whose next-token label is trained (``shift_labels`` / shifted ``labels``)."""
         if inputs.get("shift_labels") is not None:
             mask = inputs["shift_labels"] != -100
         elif inputs.get("labels") is not None:
@@ -306,12 +298,16 @@ class BALoRAObjective:
                 "use a collator that sets labels (-100 on prompt/padding tokens)."
             )
         if mask.shape != hidden.shape[:2]:
-            raise ValueError(f"label mask {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:2])}")
+            raise ValueError(
+                f"label mask {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:2])}"
+            )
         return mask.to(hidden.device)
 
     def _nlu_rows(self, model, inputs, logits, weights):
         if logits is None:
-            raise ValueError("BA-LoRA (task='nlu') needs the classifier logits (B, C) of the forward: pass logits=.")
+            raise ValueError(
+                "BA-LoRA (task='nlu') needs the classifier logits (B, C) of the forward: pass logits=."
+            )
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
         ref_logits = self._reference_logits(model, inputs) if need_ref else None
         return logits, ref_logits, LogitsView(logits), False
@@ -326,7 +322,9 @@ class BALoRAObjective:
         if bool(torch.isfinite(value.detach()).all()):
             return True
         if self.config.on_nonfinite == "raise":
-            raise FloatingPointError(f"BA-LoRA term {name!r} is not finite ({float(value)}); on_nonfinite='raise'.")
+            raise FloatingPointError(
+                f"BA-LoRA term {name!r} is not finite ({float(value)}); on_nonfinite='raise'."
+            )
         self.skipped[name] = self.skipped.get(name, 0) + 1
         metrics[f"balora/skipped_{name}"] = float(self.skipped[name])
         warnings.warn(
@@ -336,117 +334,3 @@ class BALoRAObjective:
             stacklevel=3,
         )
         return False
-
-
-def row_function(term: Term):
-    """The per-row function the chunked driver runs for ``term``: the built-in KL consistency and top-K entropy
-    as closed-form kernels (same values, exact gradients without autograd, fewer (chunk, |V|) buffers), any
-    other term — a subclass overriding ``rows`` included — as its own ``rows`` through autograd."""
-    if type(term).rows is Consistency.rows and term.kind == "kl":
-        return KLRows(term.temperature)
-    if type(term).rows is EntropyDiversity.rows:
-        return NegEntropyRows(term.top_k)
-    return term.rows
-
-
-# ---------------------------------------------------------------------------------------------- model facts
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder backbone of a causal LM (the module whose output is the final hidden state)."""
-    if hasattr(model, "get_decoder"):
-        dec = model.get_decoder()
-        if dec is not None and dec is not model:
-            return dec
-    prefix = getattr(model, "base_model_prefix", "model")
-    for name in (prefix, "model", "transformer"):
-        dec = getattr(model, name, None)
-        if isinstance(dec, nn.Module) and dec is not model:
-            return dec
-    raise ValueError(f"cannot find the decoder backbone of {type(model).__name__}; BA-LoRA's NLG path needs one.")
-
-
-def output_head(model: nn.Module) -> OutputHead:
-    """The frozen output projection of a causal LM as an :class:`OutputHead`."""
-    lin = model.get_output_embeddings()
-    cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    scale = float(getattr(text_cfg, "logit_scale", None) or 1.0)
-    if getattr(text_cfg, "logits_scaling", None):
-        scale /= float(text_cfg.logits_scaling)
-    softcap = getattr(text_cfg, "final_logit_softcapping", None)
-    weight, bias, source = lin.weight, getattr(lin, "bias", None), None
-    if hasattr(weight, "full_tensor"):  # FSDP2 / tensor-parallel DTensor: gather the frozen head for this step
-        source, weight = weight, weight.full_tensor()  # the DTensor parameter keys the Gram-factor cache
-        bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
-    return OutputHead(weight=weight, bias=bias, scale=scale, softcap=softcap, source=source)
-
-
-def check_reference_head(head: OutputHead, ref_model: nn.Module) -> None:
-    """The fused NLG path sends the reference's hidden states through the *trained model's* frozen head, so a
-    separate reference model must have the same output head (up to dtype rounding)."""
-    inner = ref.unwrap(ref_model)
-    inner = inner.get_base_model() if ref.is_peft_model(inner) else inner
-    lin = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    other = getattr(lin, "weight", None)
-    if other is not None and (hasattr(other, "full_tensor") or hasattr(head.weight, "full_tensor")):
-        return  # sharded (DTensor) heads: not gathered here
-    mine = head.weight.detach()
-    if other is not None and tuple(other.shape) == tuple(mine.shape):
-        delta = (other.detach().to(mine.device).float() - mine.float()).norm()
-        diff = delta / mine.float().norm().clamp(1e-12)
-        if float(diff) <= 1e-2:
-            return
-        detail = f"relative difference {float(diff):.3g}"
-    else:
-        detail = f"shape {None if other is None else tuple(other.shape)} vs {tuple(mine.shape)}"
-    raise ValueError(
-        f"ref_model ({type(inner).__name__}) has a different output head than the trained model ({detail}). "
-        "BA-LoRA's NLG path computes the reference logits from the reference's final hidden states through "
-        "the trained model's frozen head, so the reference must be the pre-trained base model the adapter was "
-        "created on (or omit ref_model to use the adapter snapshot)."
-    )
-
-
-def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "default") -> None:
-    """Refuse, before step 1, models BA-LoRA cannot train correctly (errors name the problem and the fix)."""
-    if not ref.is_peft_model(peft_model):
-        raise ValueError(
-            f"BA-LoRA needs a PEFT LoRA model, got {type(peft_model).__name__} without an adapter. Wrap it with "
-            "peft.get_peft_model(model, LoraConfig(init_lora_weights='pissa', ...)) or pass peft_config= to the trainer."
-        )
-    cfg = peft_model.peft_config.get(adapter)
-    if cfg is None or str(getattr(cfg, "peft_type", "")).split(".")[-1].upper() != "LORA":
-        raise ValueError(
-            f"BA-LoRA needs a LoRA adapter named {adapter!r}; found adapters "
-            f"{ {k: str(getattr(v, 'peft_type', '?')) for k, v in peft_model.peft_config.items()} }."
-        )
-    base = peft_model.get_base_model()
-    is_cls = type(base).__name__.endswith("ForSequenceClassification")
-    if config.task == "nlu" and not is_cls:
-        raise ValueError(
-            f"BALoRAConfig.task='nlu' but the model is a {type(base).__name__}; NLU needs a sequence-classification "
-            "model (AutoModelForSequenceClassification). For a causal LM use task='nlg' (e.g. preset 'iclr2026-nlg')."
-        )
-    if config.task == "nlg":
-        if is_cls or base.get_output_embeddings() is None:
-            raise ValueError(
-                f"BALoRAConfig.task='nlg' but {type(base).__name__} has no language-model head; use task='nlu' "
-                "(preset 'iclr2026-nlu') for classifiers."
-            )
-        head = base.get_output_embeddings()
-        if hasattr(head, "base_layer") or hasattr(head, "modules_to_save") or head.weight.requires_grad:
-            raise ValueError(
-                "BA-LoRA computes its terms from the frozen output head, but the head is trained (LoRA on it, "
-                "modules_to_save, or trainable lm_head weights). Remove 'lm_head' from target_modules / "
-                "modules_to_save and keep the head frozen."
-            )
-    if ref.has_residual_base(peft_model, adapter):
-        quant = [type(m).__name__ for m in base.modules() if type(m).__name__ in QUANT_MODULES]
-        qcfg = getattr(base.config, "quantization_config", None)
-        method = (qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)) or ""
-        if quant or (qcfg is not None and str(method).split(".")[-1].lower() not in ("gguf", "")):
-            raise ValueError(
-                f"init_lora_weights={ref.lora_init(peft_model, adapter)!r} on a quantised base "
-                f"({quant[0] if quant else method}): PiSSA's residual cannot be stored exactly in quantised weights, "
-                "so the reference is not the pre-trained model. Load the base unquantised, or use plain LoRA init "
-                "(init_lora_weights=True)."
-            )

@@ -1,4 +1,4 @@
-"""The pluggy plugin manager that collects the regulariser terms."""
+"""The pluggy plugin manager that collects the regularizer terms."""
 
 from __future__ import annotations
 

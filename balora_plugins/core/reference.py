@@ -1,4 +1,4 @@
-"""The pre-trained reference for the consistency term, without a second copy of the base model (SPEC §2).
+"""The pre-trained reference for the consistency term, without a second copy of the base model (docs/method.md §2).
 
 * ``adapter_snapshot`` — for PiSSA-like inits, whose frozen base is the residual W_res = W − s·B₀A₀: a frozen
   copy of the *initial* adapter is added as a second PEFT adapter (its config says ``init_lora_weights=True``
@@ -200,12 +200,16 @@ def merged_snapshot_forward(model: nn.Module, ref_adapter: str = REF_ADAPTER) ->
             del m.forward
 
 
-def _merged_forward(m: nn.Module, peft_forward, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _merged_forward(
+    m: nn.Module, peft_forward, adapter: str, x: torch.Tensor, *args, **kwargs
+) -> torch.Tensor:
     base = m.get_base_layer()
     w = base.weight
     d_out, d = w.shape
     if args or kwargs or torch.is_grad_enabled() or (x.numel() // d) * (d + d_out) <= d * d_out:
         return peft_forward(x, *args, **kwargs)
     a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
-    merged = w.to(a.dtype, copy=True).addmm_(b, a, alpha=m.scaling[adapter]).to(w.dtype)  # one transient weight
+    merged = (
+        w.to(a.dtype, copy=True).addmm_(b, a, alpha=m.scaling[adapter]).to(w.dtype)
+    )  # one transient weight
     return torch.nn.functional.linear(x, merged, base.bias)

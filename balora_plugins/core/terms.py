@@ -10,6 +10,7 @@ This module is registered through the ``balora_plugins`` entry-point group (see 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,12 @@ from .hookspecs import hookimpl
 
 ROW = "row"
 MATRIX = "matrix"
+RowKernel = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
 class Term:
-    """Base class of a regulariser term.
+    """Base class of a regularizer term.
 
     Subclasses set ``name``, ``level`` (``"row"`` or ``"matrix"``), ``needs_reference`` and implement
     :meth:`rows` (row terms: (M, C) logits, (M, C) reference logits or None -> (M,)) or :meth:`matrix`
@@ -41,6 +43,16 @@ class Term:
 
     def rows(self, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
         raise TypeError(f"term {self.name!r} is a row term but does not define rows()")
+
+    def row_kernel(self) -> RowKernel:
+        """What the chunked driver runs on each (rows, |V|) fp32 chunk of logits.
+
+        Either a callable ``(z, z_ref) -> (rows,)`` that the driver differentiates with autograd — by default
+        this term's own :meth:`rows` — or an object that also has ``rows_and_grad`` (see :class:`KLRows`), whose
+        closed-form gradient lets the driver skip autograd inside the chunk. A term offers its fused kernel by
+        overriding this method; the driver never looks at a term's type.
+        """
+        return self.rows
 
     def matrix(self, view) -> torch.Tensor:  # pragma: no cover
         raise TypeError(f"term {self.name!r} is a matrix term but does not define matrix()")
@@ -63,6 +75,12 @@ class Consistency(Term):
             return Fn.mse_rows(logits, ref_logits)
         return Fn.kl_rows(logits, ref_logits, self.temperature)
 
+    def row_kernel(self) -> RowKernel:
+        # a subclass that restates the formula (overrides rows) keeps its own formula, through autograd
+        if self.kind == "kl" and type(self).rows is Consistency.rows:
+            return KLRows(self.temperature)
+        return self.rows
+
 
 class EntropyDiversity(Term):
     """L_DR for NLG: minus the entropy of each position's top-K renormalised distribution."""
@@ -73,6 +91,9 @@ class EntropyDiversity(Term):
 
     def rows(self, logits, ref_logits):
         return -Fn.entropy_rows(logits, self.top_k)
+
+    def row_kernel(self) -> RowKernel:
+        return NegEntropyRows(self.top_k) if type(self).rows is EntropyDiversity.rows else self.rows
 
 
 class Decorrelation(Term):
@@ -105,6 +126,65 @@ class SVDShare(Term):
     def is_noop(self, num_rows, num_cols):
         # Σ_{i≤k}σ/Σσ ≡ 1 when k covers every singular value (e.g. binary NLU with k = 5).
         return self.norm == "nuclear" and self.k >= min(num_rows, num_cols)
+
+
+# ---------------------------------------------------------------------------------------------- fused kernels
+class KLRows:
+    """Row function T²·KL(softmax(z_ref/T) ‖ softmax(z/T)) with its closed-form gradient T·(p − q).
+
+    Calling it gives the same values as :func:`balora_plugins.functional.kl_rows`; :meth:`rows_and_grad` lets
+    the chunked driver skip autograd (fewer full-width passes and buffers per chunk).
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = float(temperature)
+
+    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+        return Fn.kl_rows(z, z_ref, self.temperature)
+
+    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
+        """Per-row values (n,) and ``acc`` += weight·∂Σvalues/∂z (allocated when None; untouched without grad)."""
+        t = self.temperature
+        logp = torch.log_softmax(z / t, dim=-1)
+        logq = torch.log_softmax(z_ref / t, dim=-1)
+        q = logq.exp()
+        values = (t * t) * logq.sub_(logp).mul_(q).sum(-1)
+        del logq
+        if need_grad:
+            g = logp.exp_().sub_(q)  # p − q, in the log p buffer; ∂/∂z = T·(p − q)
+            acc = g.mul_(weight * t) if acc is None else acc.add_(g, alpha=weight * t)
+        return values, acc
+
+
+class NegEntropyRows:
+    """Row function −H(softmax of the row's ``top_k`` largest logits) (0 = all) with its closed-form gradient.
+
+    Same values as ``-functional.entropy_rows(z, top_k)``; for L = Σπ·log π over the kept logits u,
+    ∂L/∂u = π·(log π + H), scattered back to the kept columns.
+    """
+
+    def __init__(self, top_k: int = 0):
+        self.top_k = int(top_k)
+
+    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+        return -Fn.entropy_rows(z, self.top_k)
+
+    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
+        idx = None
+        u = z
+        if 0 < self.top_k < z.shape[-1]:
+            u, idx = z.topk(self.top_k, dim=-1, sorted=False)
+        logpi = torch.log_softmax(u, dim=-1)
+        pi = logpi.exp()
+        ent = -(pi * logpi).sum(-1)
+        if need_grad:
+            g = pi.mul_(logpi.add_(ent[:, None])).mul_(weight)
+            if idx is None:
+                acc = g if acc is None else acc.add_(g)
+            else:
+                acc = torch.zeros_like(z) if acc is None else acc
+                acc.scatter_add_(-1, idx, g)
+        return -ent, acc
 
 
 @hookimpl

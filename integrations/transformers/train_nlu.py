@@ -21,8 +21,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from balora_plugins import BALoRAConfig
-from balora_plugins.assets import bbc_news, load_classifier, stratified_split, tiny_classifier
 from balora_plugins.callback import BALoRACallback
+from balora_plugins.tools.assets import bbc_news, load_classifier, stratified_split, tiny_classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:

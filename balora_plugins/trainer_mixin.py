@@ -1,7 +1,7 @@
 """The one transformers-``Trainer`` integration every adapter shares.
 
 :class:`BALoRATrainerMixin` adds BA-LoRA to any ``transformers.Trainer`` subclass by overriding as little as
-possible: ``compute_loss`` (adds the regulariser to the host's loss, scaled like it), ``log`` (merges the
+possible: ``compute_loss`` (adds the regularizer to the host's loss, scaled like it), ``log`` (merges the
 ``balora/...`` metrics into the logs every ``report_to`` backend sees), ``_save`` (writes the BA-LoRA config and
 the initial adapter beside every checkpoint), ``save_model`` (adds a plain-LoRA export) and
 ``_load_from_checkpoint`` (restores the reference from the checkpoint on resume).
@@ -15,6 +15,8 @@ import logging
 import os
 from collections import defaultdict
 from typing import Any
+
+import torch
 
 from .config import BALoRAConfig
 from .core.export import (
@@ -81,7 +83,7 @@ class BALoRATrainerMixin:
         training = unwrap(model).training
         batch = {**inputs, **saved}
         logits = outputs["logits"] if nlu else None
-        scaling = LossScaling.from_trainer(self, num_items_in_batch) if training else LossScaling()
+        scaling = host_loss_scaling(self, num_items_in_batch) if training else LossScaling()
         reg, metrics = self.balora.compute(
             model, batch, logits=logits, scaling=scaling, progress=self._balora_progress()
         )
@@ -149,6 +151,34 @@ class BALoRATrainerMixin:
                 "written by a BA-LoRA trainer."
             )
         load_initial_adapter(unwrap(model if model is not None else self.model), initial, REF_ADAPTER)
+
+
+def host_loss_scaling(trainer: Any, num_items_in_batch: Any) -> LossScaling:
+    """How ``trainer`` (a transformers ``Trainer`` or subclass: TRL, axolotl) scales the loss of this step.
+
+    Mirrors ``Trainer.training_step`` / ``compute_loss``: the loss is divided by ``num_items_in_batch`` (summed
+    over the step's micro-batches and, with ``average_tokens_across_devices``, over ranks, then multiplied by the
+    number of data-parallel ranks) when the model accepts loss kwargs or a ``compute_loss_func`` is set;
+    otherwise the Trainer divides the micro-batch loss by the accumulation steps.
+    """
+    args = trainer.args
+    ga = getattr(trainer, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (
+            bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None
+        ) or (getattr(trainer, "compute_loss_func", None) is not None)
+    n = None if num_items_in_batch is None else float(torch.as_tensor(num_items_in_batch).sum().item())
+    world = 1.0
+    if n is not None and getattr(args, "average_tokens_across_devices", False):
+        # as Trainer/SFTTrainer.compute_loss: tensor-parallel ranks share a batch, DataParallel uses n_gpu
+        tp = trainer.get_tp_size() if callable(getattr(trainer, "get_tp_size", None)) else 1
+        world = float(trainer.accelerator.num_processes // max(int(tp), 1))
+        if getattr(args, "n_gpu", 1) > 1:
+            world = float(args.n_gpu)
+    return LossScaling(
+        num_items_in_batch=n, world_factor=world, ga_steps=int(ga), host_divides_by_ga=not scaled
+    )
 
 
 def earlier_balora_checkpoints(output_dir: str) -> list[str]:

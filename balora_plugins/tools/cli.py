@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from balora_plugins import __version__
 
 EPILOG_DEMO = """examples:
   balora demo                                   # PiSSA vs BA-LoRA, SmolLM2-135M on GSM word problems (CPU ~10 min)
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- commands
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .demo import DemoUsageError, check_out_dir, resolve_settings, run
+    from balora_plugins.tools.demo import DemoUsageError, check_out_dir, resolve_settings, run
 
     given = {
         k: getattr(args, k)
@@ -158,77 +158,28 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def export_adapter(
-    adapter_dir: str, out: str, *, merge: bool = False, base: str | None = None, overwrite: bool = False
-) -> str:
-    """Plain-LoRA export of ``adapter_dir`` into ``out``; with ``merge``, the merged model of the untouched base."""
-    import json
-    import tempfile
-
-    from .core.export import ADAPTER_CONFIG, export_plain_lora
-
-    if not merge:
-        return export_plain_lora(adapter_dir, out, overwrite=overwrite)
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
-        cfg = json.load(f)
-    base = base or cfg.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(
-            f"--merge needs the untouched base model: {adapter_dir!r} names none; pass --base PATH."
-        )
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"--out {out!r} is not empty; choose another directory or pass --overwrite.")
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = export_plain_lora(adapter_dir, os.path.join(tmp, "plain_lora"))
-        if cfg.get("task_type") == "SEQ_CLS":
-            num_labels = _num_labels(plain)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                base, num_labels=num_labels, dtype=torch.float32
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(model, plain).merge_and_unload()
-        merged.save_pretrained(out)
-    try:
-        AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    except (OSError, ValueError, TypeError):
-        pass  # a base without a tokenizer: the merged weights are still complete
-    return out
-
-
-def _num_labels(adapter_dir: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
-                return int(f.get_slice(key).get_shape()[0])
-    raise ValueError(
-        f"cannot tell the number of labels of the SEQ_CLS adapter {adapter_dir!r} (no classifier weight)."
-    )
-
-
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.base and not args.merge:
         parser.error("--base only applies with --merge (the plain-LoRA export needs no base model).")
     if not os.path.isdir(args.adapter_dir):
         parser.error(f"ADAPTER_DIR {args.adapter_dir!r} is not a directory.")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        parser.error(f"--out {args.out!r} is not empty; choose another directory or pass --overwrite.")
-    out = export_adapter(
-        args.adapter_dir, args.out, merge=args.merge, base=args.base, overwrite=args.overwrite
-    )
+    from balora_plugins.core import export_merged, export_plain_lora, require_empty_dir
+
+    try:
+        require_empty_dir(args.out, args.overwrite, what="--out")
+    except FileExistsError as e:
+        parser.error(str(e))
+    if args.merge:
+        out = export_merged(args.adapter_dir, args.out, base=args.base, overwrite=args.overwrite)
+    else:
+        out = export_plain_lora(args.adapter_dir, args.out, overwrite=args.overwrite)
     what = "merged model" if args.merge else "plain LoRA adapter (load it on the untouched base model)"
     print(f"Wrote {what} to {out}")
     return 0
 
 
 def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .report import ReportError, report
+    from balora_plugins.tools.report import ReportError, report
 
     try:
         path, plots = report(args.run_dir, args.out)
@@ -240,12 +191,12 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _bench(argv: list[str]) -> int:
     try:
-        from .bench import main as bench_main
+        from balora_plugins.tools.bench import main as bench_main
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.bench":
             raise
         print(
-            "balora: error: `balora bench` is not available in this installation (balora_plugins.bench is missing).",
+            "balora: error: `balora bench` is not available in this installation (balora_plugins.tools.bench is missing).",
             file=sys.stderr,
         )
         return 1
@@ -260,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command_parser = args.commands[args.command]
-    from .assets import AssetError
+    from balora_plugins.tools.assets import AssetError
 
     handler = {"demo": _demo, "export": _export, "report": _report}[args.command]
     try:

