@@ -186,15 +186,15 @@ class BALoRAConfig:
                 )
             if self.consistency_schedule != "adaptive":
                 raise ValueError(
-                    f"BALoRAConfig.{name}={value!r} only applies with consistency_schedule='adaptive' (it is "
-                    f"{self.consistency_schedule!r}); set consistency_schedule='adaptive' or leave {name} unset."
+                    f"BALoRAConfig.{name}={value!r} only applies with BALoRAConfig.consistency_schedule='adaptive' "
+                    f"(it is {self.consistency_schedule!r}); set that schedule or leave BALoRAConfig.{name} unset."
                 )
         low, high = self.adaptive_consistency_bounds
         if low > high:
             raise ValueError(
-                f"BALoRAConfig.lambda_consistency_min={low!r} exceeds lambda_consistency_max={high!r} (with "
-                f"lambda_consistency={self.lambda_consistency!r}, an unset min is 0.1·λ1 and an unset max is λ1); "
-                "choose min <= max."
+                f"BALoRAConfig.lambda_consistency_min={low!r} exceeds BALoRAConfig.lambda_consistency_max={high!r} "
+                f"(an unset min is 0.1·λ1 and an unset max is λ1, BALoRAConfig.lambda_consistency="
+                f"{self.lambda_consistency!r}); choose min <= max."
             )
 
     # ------------------------------------------------------------------ derived settings
