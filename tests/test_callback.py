@@ -263,6 +263,29 @@ def test_nlu_accumulation_with_a_mean_loss_host(tmp_path):
     assert_same_adapter(runs[1], runs[0], atol=1e-6)
 
 
+def test_the_trainer_feeds_the_schedules_its_step_and_total_steps(tmp_path):
+    """5 optimizer steps under the authors' whole-step warm-up (warmup_start 0.3, ramp 0.2): their script starts
+    at w = int(0.3·5) = 1 and ramps over r = max(int(0.2·5), 1) = 1 step, so λ2, λ3 get the factors 0, 0, 1, 1, 1
+    (the fractional schedule would give 0.5 at step 2); the adaptive λ1 follows the logged confidence c."""
+    cfg = BALoRAConfig(
+        **NLG,
+        consistency_schedule="adaptive",
+        temperature=0.1,
+        regularizer_schedule="warmup",
+        warmup_start=0.3,
+        warmup_ramp=0.2,
+        schedule_whole_steps=True,
+    )
+    logs = [h for h in train("nlg", tmp_path, cfg, max_steps=5).state.log_history if "loss" in h]
+    assert [h["balora/lambda_svd"] / NLG["lambda_svd"] for h in logs] == [0, 0, 1, 1, 1]
+    assert [h["balora/lambda_diversity"] / NLG["lambda_diversity"] for h in logs] == [0, 0, 1, 1, 1]
+    for h in logs:
+        c = h["balora/reference_confidence"]
+        assert 0.0 < c < 1.0
+        lam1 = NLG["lambda_consistency"]
+        assert h["balora/lambda_consistency"] == pytest.approx(0.1 * lam1 + 0.9 * lam1 * c, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 class StopAt(TrainerCallback):
     def __init__(self, step: int):

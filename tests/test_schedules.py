@@ -4,7 +4,7 @@
   authors' training script computes them, for many run lengths;
 * the adaptive λ1 from the reference's confidence, on full logits of a copy of the pre-trained model, against
   the fused objective (value, metric and gradient) for NLG and NLU;
-* the trainer passes the global step and the total steps (callback door, TRL door).
+* the trainers pass the global step and the total steps (tests/test_callback.py runs one through a Trainer).
 """
 
 from __future__ import annotations
@@ -271,50 +271,3 @@ def test_adaptive_nlu_objective_matches_full_logits():
     assert float(kl.mean().detach()) > 1e-4  # the adapter moved: the consistency term is not zero
     assert 0.15 < lam1 < 0.95  # a confidence well inside (0, 1)
     torch.testing.assert_close(loss, lam1 * kl.mean(), rtol=1e-5, atol=1e-8)
-
-
-# ---------------------------------------------------------------------------------------------- through a trainer
-def test_the_trainer_passes_step_and_total_steps(tmp_path):
-    """A transformers Trainer with the callback, 5 optimizer steps: the logged λ2, λ3 follow the authors'
-    whole-step warm-up (which differs from the fractional one at step 2: 1 vs 0.5) and the logged λ1 the adaptive
-    rule, step by step."""
-    from transformers import Trainer, TrainingArguments
-
-    from balora_plugins.callback import BALoRACallback
-
-    cfg = BALoRAConfig(
-        lambda_consistency=0.5,
-        lambda_diversity=0.2,
-        lambda_svd=0.1,
-        consistency_schedule="adaptive",
-        temperature=0.1,
-        regularizer_schedule="warmup",
-        warmup_start=0.3,
-        warmup_ramp=0.2,
-        schedule_whole_steps=True,
-    )
-    rows = [{k: v[0] for k, v in batch(b=1, t=10, seed=i).items()} for i in range(10)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=5,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=lora(tiny_llama(), init="pissa"), args=args, train_dataset=rows, callbacks=[BALoRACallback(cfg)]
-    )
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 5
-    for step, h in enumerate(logs):  # log k holds the loss of global step k - 1
-        f = authors_focus_factor("two_phase", step, 5, 0.3, 0.2)
-        assert h["balora/lambda_diversity"] == 0.2 * f and h["balora/lambda_svd"] == 0.1 * f, step
-        c = h["balora/reference_confidence"]
-        assert 0.0 < c < 1.0
-        assert h["balora/lambda_consistency"] == pytest.approx(0.05 + (0.5 - 0.05) * c, rel=1e-9)
-    assert [authors_focus_factor("two_phase", s, 5, 0.3, 0.2) for s in range(5)] == [0, 0, 1, 1, 1]
