@@ -47,10 +47,6 @@ class BALoRATrainerMixin:
         self, balora_config: BALoRAConfig | str | dict | None, ref_model=None, extra_plugins=()
     ) -> None:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
-        self._balora_metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
         self.balora.prepare(self.model)
 
     # ------------------------------------------------------------------ guard against silent overwrites
@@ -67,11 +63,15 @@ class BALoRATrainerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ loss
-    def _balora_progress(self) -> float:
+    def _balora_progress(self) -> tuple[float, int, int]:
+        """(progress, global_step, max_steps) for the λ schedules: progress = global_step / max_steps in [0, 1].
+
+        ``global_step`` counts the optimizer steps done so far (0 during the first one), as the authors' script
+        reads it; before ``train()`` (an early ``evaluate()``) all three are 0.
+        """
         state = getattr(self, "state", None)
-        if state is None or not getattr(state, "max_steps", 0):
-            return 0.0
-        return state.global_step / state.max_steps
+        step, total = int(getattr(state, "global_step", 0) or 0), int(getattr(state, "max_steps", 0) or 0)
+        return (step / total if total else 0.0), step, total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         saved = {k: inputs[k] for k in _SAVED_KEYS if k in inputs}  # the host may pop labels
@@ -84,8 +84,9 @@ class BALoRATrainerMixin:
         batch = {**inputs, **saved}
         logits = outputs["logits"] if nlu else None
         scaling = host_loss_scaling(self, num_items_in_batch) if training else LossScaling()
+        progress, step, total = self._balora_progress()
         reg, metrics = self.balora.compute(
-            model, batch, logits=logits, scaling=scaling, progress=self._balora_progress()
+            model, batch, logits=logits, scaling=scaling, progress=progress, step=step, total_steps=total
         )
         self._balora_record(metrics, "train" if training else "eval")
         if training:
@@ -94,19 +95,27 @@ class BALoRATrainerMixin:
 
     # ------------------------------------------------------------------ logging
     def _balora_record(self, metrics: dict[str, float], mode: str) -> None:
-        """Keep one micro-batch's ``balora/...`` metrics until :meth:`log` (hosts with a metric store override)."""
-        store = self._balora_metrics[mode]
+        """Keep one micro-batch's ``balora/...`` metrics until :meth:`log`.
+
+        Hosts with a metric store of their own write there instead (TRL: ``self._metrics``; axolotl:
+        ``store_metrics``) by overriding this method. The plain transformers ``Trainer`` has none, so the metrics
+        wait in ``_balora_metrics`` (created on first use) and :meth:`log` merges them into the record.
+        """
+        store = self.__dict__.setdefault(
+            "_balora_metrics", {"train": defaultdict(list), "eval": defaultdict(list)}
+        )
         for k, v in metrics.items():
-            store[k].append(v)
+            store[mode][k].append(v)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        store = self._balora_metrics[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        for k, vals in store.items():
-            if vals:
-                logs[prefix + k] = vals[-1] if k.startswith("balora/skipped_") else sum(vals) / len(vals)
-        store.clear()
+        stores = self.__dict__.get("_balora_metrics")
+        if stores is not None:
+            mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+            prefix = "eval_" if mode == "eval" else ""
+            for k, vals in stores[mode].items():
+                if vals:  # skip counts are running totals: the last one, not a mean
+                    logs[prefix + k] = vals[-1] if k.startswith("balora/skipped_") else sum(vals) / len(vals)
+            stores[mode].clear()
         return super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ saving and resuming

@@ -120,16 +120,41 @@ def has_capture_hook(model) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- λ = 0 is the host
+def callback_of(trainer) -> BALoRACallback:
+    (cb,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BALoRACallback)]
+    return cb
+
+
 @pytest.mark.parametrize("task", ["nlg", "nlu"])
-def test_lambda_zero_reproduces_plain_trainer_and_restores_class(task, tmp_path):
-    """λ = 0: same losses and same adapter as the plain Trainer, dropout included (NLU); class restored after."""
+def test_lambda_zero_reproduces_plain_trainer_and_detach_restores_class(task, tmp_path):
+    """λ = 0: same losses and same adapter as the plain Trainer, dropout included (NLU). The mixin stays in after
+    train() (save_model, evaluate); detach() gives the trainer its class back and removes the hook."""
     host = train(task, tmp_path / "host", max_steps=3)
     ours = train(task, tmp_path / "ours", config=BALoRAConfig(task=task, **OFF), max_steps=3)
     assert losses(ours) == pytest.approx(losses(host), rel=0, abs=1e-6)
     assert_same_adapter(adapter(ours.model), adapter(host.model), atol=1e-6)
     assert "balora/lambda_consistency" in ours.state.log_history[0]
-    assert type(ours) is Trainer and not hasattr(ours, "balora")  # class swapped back at train end
+    assert isinstance(ours, BALoRATrainerMixin) and ours.balora.captured_hidden is None
+    callback_of(ours).detach()
+    assert type(ours) is Trainer and not hasattr(ours, "balora")
     assert not has_capture_hook(ours.model)
+
+
+def test_trainer_save_model_after_train_writes_the_balora_artefacts(tmp_path):
+    """The habitual `trainer.save_model()` after `train()` writes what the callback's own save_model writes."""
+    trainer = train("nlg", tmp_path / "run", BALoRAConfig(**NLG), max_steps=2)
+    trainer.save_model(str(tmp_path / "trainer"))
+    callback_of(trainer).save_model(str(tmp_path / "callback"))
+    files = {}
+    for name in ("trainer", "callback"):
+        root = tmp_path / name
+        files[name] = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert files["trainer"] == files["callback"]
+    for f in ("balora_config.json", "balora_ref/adapter_config.json", "plain_lora/adapter_model.safetensors"):
+        assert f in files["trainer"], f
+    assert BALoRAConfig.from_pretrained(tmp_path / "trainer") == BALoRAConfig(**NLG)
+    after = trainer.evaluate(Rows(tensors("nlg", n=4)))  # still BA-LoRA: the terms are reported
+    assert "eval_balora/consistency" in after
 
 
 # ---------------------------------------------------------------------------------------------- the loss itself
@@ -238,6 +263,29 @@ def test_nlu_accumulation_with_a_mean_loss_host(tmp_path):
     assert_same_adapter(runs[1], runs[0], atol=1e-6)
 
 
+def test_the_trainer_feeds_the_schedules_its_step_and_total_steps(tmp_path):
+    """5 optimizer steps under the authors' whole-step warm-up (warmup_start 0.3, ramp 0.2): their script starts
+    at w = int(0.3·5) = 1 and ramps over r = max(int(0.2·5), 1) = 1 step, so λ2, λ3 get the factors 0, 0, 1, 1, 1
+    (the fractional schedule would give 0.5 at step 2); the adaptive λ1 follows the logged confidence c."""
+    cfg = BALoRAConfig(
+        **NLG,
+        consistency_schedule="adaptive",
+        temperature=0.1,
+        regularizer_schedule="warmup",
+        warmup_start=0.3,
+        warmup_ramp=0.2,
+        schedule_whole_steps=True,
+    )
+    logs = [h for h in train("nlg", tmp_path, cfg, max_steps=5).state.log_history if "loss" in h]
+    assert [h["balora/lambda_svd"] / NLG["lambda_svd"] for h in logs] == [0, 0, 1, 1, 1]
+    assert [h["balora/lambda_diversity"] / NLG["lambda_diversity"] for h in logs] == [0, 0, 1, 1, 1]
+    for h in logs:
+        c = h["balora/reference_confidence"]
+        assert 0.0 < c < 1.0
+        lam1 = NLG["lambda_consistency"]
+        assert h["balora/lambda_consistency"] == pytest.approx(0.1 * lam1 + 0.9 * lam1 * c, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 class StopAt(TrainerCallback):
     def __init__(self, step: int):
@@ -319,7 +367,41 @@ def test_attach_after_construction(tmp_path):
     assert isinstance(trainer, BALoRATrainerMixin) and cb in trainer.callback_handler.callbacks
     trainer.train()
     assert "balora/consistency" in trainer.state.log_history[0]
+    cb.detach()
     assert type(trainer) is Trainer
+
+
+def test_fails_loudly_when_no_trainer_is_on_the_stack(tmp_path, monkeypatch):
+    """A transformers release that fires on_init_end from elsewhere (here: another thread, so no frame of
+    Trainer.__init__ is on the stack) must not leave a Trainer that trains without the terms."""
+    import threading
+
+    from transformers.trainer_callback import CallbackHandler
+
+    fire = CallbackHandler.on_init_end
+
+    def elsewhere(self, *args, **kwargs):
+        out, err = [], []
+
+        def run():
+            try:
+                out.append(fire(self, *args, **kwargs))
+            except BaseException as e:  # re-raised in the caller's thread
+                err.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        if err:
+            raise err[0]
+        return out[0]
+
+    monkeypatch.setattr(CallbackHandler, "on_init_end", elsewhere)
+    with pytest.raises(RuntimeError, match=r"found no Trainer.*attach\(trainer\)"):
+        Trainer(model=nlg_model(), args=targs(tmp_path), callbacks=[BALoRACallback(BALoRAConfig(**NLG))])
+    trainer = Trainer(model=nlg_model(), args=targs(tmp_path))  # the way out the message gives
+    BALoRACallback(BALoRAConfig(**NLG)).attach(trainer)
+    assert isinstance(trainer, BALoRATrainerMixin)
 
 
 def test_one_callback_per_trainer(tmp_path):
@@ -366,7 +448,7 @@ def test_refuses_a_trainer_that_already_has_balora(tmp_path):
 
 
 def test_trainer_subclass_sft(tmp_path):
-    """A Trainer subclass (TRL's SFTTrainer): λ = 0 reproduces it, λ > 0 adds the terms, its class comes back."""
+    """A Trainer subclass (TRL's SFTTrainer): λ = 0 reproduces it, λ > 0 adds the terms."""
     pytest.importorskip("trl")
     from conftest import tiny_tokenizer
     from datasets import Dataset
@@ -399,7 +481,9 @@ def test_trainer_subclass_sft(tmp_path):
             model=nlg_model(), args=args, train_dataset=data, processing_class=tiny_tokenizer(), callbacks=cbs
         )
         trainer.train()
-        assert type(trainer) is SFTTrainer
+        assert isinstance(trainer, SFTTrainer) and isinstance(trainer, BALoRATrainerMixin) == (
+            config is not None
+        )
         return trainer
 
     host, off, on = sft(None), sft(BALoRAConfig(**OFF)), sft(BALoRAConfig(**NLG))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 import warnings
 
 import pytest
@@ -12,26 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balora_plugins import PRESETS, BALoRAConfig
-from balora_plugins.config import (
-    CONFIG_NAME,
-    CONSISTENCY_SCHEDULES,
-    FORMULATIONS,
-    ON_NONFINITE,
-    REFERENCES,
-    REGULARIZER_SCHEDULES,
-    SVD_NORMS,
-    TASKS,
-)
+from balora_plugins.config import CONFIG_NAME, FIELD_CHOICES
 
-CHOICES = {
-    "task": TASKS,
-    "formulation": FORMULATIONS,
-    "svd_norm": SVD_NORMS,
-    "consistency_schedule": CONSISTENCY_SCHEDULES,
-    "regularizer_schedule": REGULARIZER_SCHEDULES,
-    "reference": REFERENCES,
-    "on_nonfinite": ON_NONFINITE,
-}
+CHOICES = FIELD_CHOICES
 LAMBDAS = ("lambda_consistency", "lambda_diversity", "lambda_svd")
 FRACTIONS = ("cosine_final_ratio", "warmup_start", "warmup_ramp")
 
@@ -82,8 +66,19 @@ def test_invalid_field_raises_naming_field_and_value(name, value):
 
 def test_choice_errors_list_allowed_values():
     msg = _raises_naming("formulation", "v3")
-    for allowed in FORMULATIONS:
+    for allowed in ("iclr2026", "v5"):
         assert allowed in msg
+
+
+def test_every_string_field_is_a_choice_with_its_allowed_values():
+    """FIELD_CHOICES (what the argument parsers list) covers every str field, with the values docs/method.md names."""
+    hints = typing.get_type_hints(BALoRAConfig)
+    assert set(CHOICES) == {f.name for f in dataclasses.fields(BALoRAConfig) if hints[f.name] is str}
+    assert CHOICES["consistency_schedule"] == ("constant", "cosine", "adaptive")
+    assert CHOICES["regularizer_schedule"] == ("constant", "warmup", "linear_warmup", "quadratic_warmup")
+    for name, allowed in CHOICES.items():
+        for value in allowed:
+            assert getattr(BALoRAConfig(**{name: value, "shift_labels": True}), name) == value
 
 
 def test_incompatible_combinations():

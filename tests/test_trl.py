@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.core.reference import REF_ADAPTER, adapter_state  # noqa: E402
-from balora_plugins.trl import BALoRASFTTrainer  # noqa: E402
+from balora_plugins.trl import BALoRASFTConfig, BALoRASFTTrainer  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 WORDS = [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
@@ -76,7 +76,7 @@ def peft_config(init="pissa", targets=TARGETS) -> LoraConfig:
     )
 
 
-def sft_args(out, **kw) -> SFTConfig:
+def sft_args(out, config_class=SFTConfig, **kw) -> SFTConfig:
     base = dict(
         output_dir=str(out),
         use_cpu=True,
@@ -94,13 +94,14 @@ def sft_args(out, **kw) -> SFTConfig:
         disable_tqdm=True,
     )
     base.update(kw)
-    return SFTConfig(**base)
+    return config_class(**base)
 
 
 def trainer(out, *, balora=ALL_ON, init="pissa", dataset=None, host=False, wrapped=False, **kw):
     """A BALoRASFTTrainer (or, with ``host=True``, TRL's SFTTrainer) on a fresh tiny llama, given a
     ``peft_config`` (or, with ``wrapped=True``, an existing PeftModel of the same config)."""
     train, eval_ = kw.pop("train_dataset", dataset or prompt_completion()), kw.pop("eval_dataset", None)
+    ref_model = kw.pop("ref_model", None)
     model = lora(tiny_llama(), init=init, r=4, alpha=8, targets=TARGETS) if wrapped else tiny_llama()
     common = dict(
         args=sft_args(out, **kw),
@@ -111,7 +112,7 @@ def trainer(out, *, balora=ALL_ON, init="pissa", dataset=None, host=False, wrapp
     )
     if host:
         return SFTTrainer(model, **common)
-    return BALoRASFTTrainer(model, balora_config=balora, **common)
+    return BALoRASFTTrainer(model, balora_config=balora, ref_model=ref_model, **common)
 
 
 def losses(tr) -> list[float]:
@@ -401,6 +402,112 @@ def test_bad_input_refused_at_construction(tmp_path, make_model, pcfg, bal, matc
             peft_config=pcfg,
             balora_config={**ALL_ON, **bal} if isinstance(bal, dict) else bal,
         )
+
+
+# ---------------------------------------------------------------------------------------------- j) BALoRASFTConfig
+def balora_sft_args(out, **kw) -> BALoRASFTConfig:
+    return sft_args(out, config_class=BALoRASFTConfig, **kw)
+
+
+def test_balora_sft_config_lambda_zero_reproduces_sft_trainer(tmp_path):
+    """The settings in the args instead of balora_config=: λ = 0 gives SFTTrainer's losses, loss for loss."""
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    host = trainer(tmp_path / "host", host=True, **kw)
+    host.train()
+    off = {f"balora_{k}": v for k, v in ALL_OFF.items()}
+    ours = BALoRASFTTrainer(
+        tiny_llama(),
+        args=balora_sft_args(tmp_path / "ours", **kw, **off),
+        train_dataset=prompt_completion(),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config(),
+    )
+    assert ours.balora.config == BALoRAConfig.from_preset("iclr2026-nlg", **ALL_OFF)
+    ours.train()
+    assert len(losses(host)) == 3
+    assert losses(ours) == pytest.approx(losses(host), abs=1e-6)
+    assert "balora/rows" in ours.state.log_history[0]
+
+
+def test_trl_parser_reads_balora_keys_from_yaml_and_the_command_line(tmp_path):
+    from trl import TrlParser
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        "output_dir: out\nuse_cpu: true\nbf16: false\nreport_to: none\n"
+        "balora_preset: v5-nlg\nbalora_lambda_svd: 1e-3\nbalora_regularizer_schedule: quadratic_warmup\n"
+        "balora_schedule_whole_steps: true\nbalora_consistency_schedule: adaptive\n"
+    )
+    parser = TrlParser([BALoRASFTConfig])
+    (args,) = parser.parse_args_and_config(["--config", str(yaml_file), "--balora_warmup_start", "0.3"])
+    expected = BALoRAConfig.from_preset(
+        "v5-nlg",
+        lambda_svd=1e-3,  # PyYAML reads `1e-3` as a string; argparse converts it with the field's type
+        regularizer_schedule="quadratic_warmup",
+        schedule_whole_steps=True,
+        consistency_schedule="adaptive",
+        warmup_start=0.3,
+    )
+    assert args.to_balora_config() == expected
+    assert args.to_dict()["balora_lambda_diversity"] == 3e-4  # unset keys hold the preset's value, recorded
+    (bad,) = [a for a in parser._actions if a.dest == "balora_regularizer_schedule"]
+    assert "linear_warmup" in bad.choices and bad.help.startswith("BA-LoRA: ")
+    with pytest.raises(ValueError, match=r"balora_warmup_ramp=1\.5"):
+        parser.parse_args_and_config(["--config", str(yaml_file), "--balora_warmup_ramp", "1.5"])
+
+
+def test_balora_config_and_args_never_disagree_silently(tmp_path):
+    common = dict(
+        train_dataset=prompt_completion(4), processing_class=tiny_tokenizer(), peft_config=peft_config()
+    )
+    args = balora_sft_args(tmp_path / "a", balora_lambda_svd=0.01)
+    with pytest.raises(ValueError) as err:
+        BALoRASFTTrainer(tiny_llama(), args=args, balora_config="iclr2026-nlg", **common)
+    assert "balora_config.lambda_svd=0.005" in str(err.value) and "args.balora_lambda_svd=0.01" in str(
+        err.value
+    )
+    agreeing = BALoRASFTTrainer(
+        tiny_llama(),
+        args=args,
+        balora_config=BALoRAConfig.from_preset("iclr2026-nlg", lambda_svd=0.01),
+        **common,
+    )
+    assert agreeing.balora.config.lambda_svd == 0.01
+    # args that set nothing take balora_config= and then record it
+    quiet = balora_sft_args(tmp_path / "b")
+    v5 = BALoRASFTTrainer(tiny_llama(), args=quiet, balora_config="v5-nlg", **common)
+    assert v5.balora.config == BALoRAConfig.from_preset("v5-nlg")
+    assert quiet.balora_svd_top_k == 3 and quiet.to_balora_config() == v5.balora.config
+
+
+def test_metrics_go_to_trls_store(tmp_path):
+    """One metric store: balora/* values land in TRL's `_metrics` and SFTTrainer.log reduces them; a skip count
+    is reported as its latest value, not a mean of counts."""
+    tr = trainer(tmp_path)
+    assert not hasattr(tr, "_balora_metrics")
+    for count, value in ((1.0, 0.5), (2.0, 0.7)):
+        tr._balora_record({"balora/skipped_svd": count, "balora/svd": value}, "train")
+    assert tr._metrics["train"]["balora/svd"] == [0.5, 0.7]
+    tr.model.train()
+    tr.log({"loss": 1.0})
+    last = tr.state.log_history[-1]
+    assert last["balora/skipped_svd"] == 2.0 and last["balora/svd"] == pytest.approx(0.6)
+
+
+def test_ref_model_by_path_is_loaded_like_the_student(tmp_path):
+    """A reference given as a path loads with the student's dtype on its device and trains exactly as the same
+    model passed as an object."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    runs = {}
+    for name, ref in (("object", tiny_llama()), ("path", str(tmp_path / "base"))):
+        runs[name] = trainer(tmp_path / name, ref_model=ref, balora={**ALL_ON, "reference": "model"})
+        runs[name].train()
+    loaded = runs["path"].balora.ref_model
+    assert (
+        type(loaded).__name__ == "LlamaForCausalLM" and loaded.dtype == torch.float32 and not loaded.training
+    )
+    assert losses(runs["path"]) == losses(runs["object"])
+    assert runs["path"].state.log_history[-2]["balora/consistency"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- recipe

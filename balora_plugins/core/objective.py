@@ -30,7 +30,7 @@ from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
 from .model import check_reference_head, decoder_of, output_head, validate_model
 from .plugins import collect_terms
-from .terms import MATRIX, ROW, Term
+from .terms import MATRIX, ROW, TemperedEntropyRows, Term
 
 
 # ---------------------------------------------------------------------------------------------- scaling
@@ -199,6 +199,8 @@ class BALoRAObjective:
         logits: torch.Tensor | None = None,
         scaling: LossScaling | None = None,
         progress: float = 0.0,
+        step: int | None = None,
+        total_steps: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted regularizer loss of the micro-batch the model just ran, and its metrics.
 
@@ -208,13 +210,15 @@ class BALoRAObjective:
             logits: NLU only: the classifier logits (B, C) of that forward.
             scaling: the host's loss scaling for this step (default: a plain micro-batch mean).
             progress: global_step / max_steps in [0, 1], for the λ schedules.
+            step, total_steps: the global optimizer step and the total number of steps (needed by
+                ``schedule_whole_steps``; see :meth:`BALoRAConfig.lambdas_at`).
 
         Returns:
             ``(loss, metrics)``: a 0-d tensor to add to the host's loss and a dict of floats keyed
             ``balora/...``.
         """
         scaling = scaling or LossScaling()
-        lambdas = self.config.lambdas_at(progress)
+        lambdas = self.config.lambdas_at(progress, step=step, total_steps=total_steps)
         weights = {t.name: t.weight(lambdas) for t in self.terms}
         metrics: dict[str, float] = {f"balora/lambda_{k}": v for k, v in weights.items()}
         if self.config.task == "nlg":
@@ -227,6 +231,12 @@ class BALoRAObjective:
             return loss, metrics
         m = rows.shape[0]
         metrics["balora/rows"] = float(m)
+        if self.config.consistency_schedule == "adaptive" and ref_rows is not None:
+            confidence = self.reference_confidence(ref_rows)
+            lambdas["consistency"] = self.config.adaptive_lambda_consistency(confidence)
+            weights = {t.name: t.weight(lambdas) for t in self.terms}
+            metrics.update({f"balora/lambda_{k}": v for k, v in weights.items()})
+            metrics["balora/reference_confidence"] = confidence
         with torch.autocast(device_type=device.type, enabled=False):
             row_terms = [t for t in self.terms if t.level == ROW and weights[t.name] > 0]
             loss = loss + self._row_loss(row_terms, rows, ref_rows, weights, scaling, by_items, m, metrics)
@@ -243,6 +253,27 @@ class BALoRAObjective:
                 self._record(metrics, t.name, float(value.detach()), weights[t.name])
         metrics["balora/loss"] = float(sum((v for k, v in metrics.items() if k.endswith("_weighted")), 0.0))
         return loss, metrics
+
+    def reference_confidence(self, ref_rows: torch.Tensor) -> float:
+        """c = 1 − clamp(H / log|V|, 0, 1), H the mean over rows of the entropy of softmax(Z_ref/T).
+
+        ``ref_rows``: the reference's valid rows — hidden states (M, d) sent through the frozen head chunk by
+        chunk (NLG: never the (M, |V|) logits at once) or logits (M, C) (NLU). No gradient: the adaptive λ1 is
+        a constant of the micro-batch. It runs before the fused pass because that pass folds every term's
+        weighted gradient into one buffer, so λ1 must be known first (docs/method.md §3.1, adaptive λ1).
+        """
+        kernel = TemperedEntropyRows(self.config.consistency_temperature)
+        with torch.no_grad(), torch.autocast(device_type=ref_rows.device.type, enabled=False):
+            if self.head is not None and self.config.task == "nlg":
+                _, sums = chunked_row_terms(
+                    ref_rows, None, self.head, [kernel], [0.0], self.config.chunk_size
+                )
+                entropy, width = float(sums[0]) / ref_rows.shape[0], self.head.weight.shape[0]
+            else:
+                entropy, width = float(kernel(ref_rows.float(), None).mean()), ref_rows.shape[-1]
+        if not math.isfinite(entropy) or width < 2:  # no information about the reference's confidence
+            return 0.0
+        return 1.0 - min(max(entropy / math.log(width), 0.0), 1.0)
 
     def _row_loss(self, terms, rows, ref_rows, weights, scaling, by_items, m, metrics) -> torch.Tensor:
         while terms:
