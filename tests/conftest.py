@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,7 +138,6 @@ def plain_peft_logits(jobs: list[dict], workdir) -> list[torch.Tensor]:
     """Load each ``job["adapter"]`` with ``PeftModel.from_pretrained`` on an untouched base built by the conftest
     function ``job["base"]`` (with ``job.get("base_kwargs")``), in one fresh process where ``balora_plugins`` is
     not importable, and return each model's logits on ``job["input_ids"]`` (a nested list, (B, T))."""
-    import json
     import subprocess
     import sys
 
@@ -154,3 +155,34 @@ def plain_peft_logits(jobs: list[dict], workdir) -> list[torch.Tensor]:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return [torch.load(job["out"]) for job in jobs]
+
+
+class FakeHub:
+    """Stands in for transformers.trainer.hf_api(): records what push_to_hub would upload, at upload time."""
+
+    def __init__(self):
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs
+        )
+        with open(os.path.join(folder_path, "adapter_config.json"), encoding="utf-8") as f:
+            adapter_config = json.load(f)
+        with open(os.path.join(folder_path, "README.md"), encoding="utf-8") as f:
+            card = f.read()
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "folder": folder_path,
+                "files": list(filter_repo_objects(files, ignore_patterns=ignore_patterns)),
+                "adapter_config": adapter_config,
+                "card": card,
+            }
+        )
+        return SimpleNamespace(commit_url="fake")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(__file__))
 import conftest  # noqa: E402
-from conftest import lora, plain_peft_logits, tiny_llama  # noqa: E402
+from conftest import FakeHub, lora, plain_peft_logits, tiny_llama  # noqa: E402
 from dist_worker import collate, dataset  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
@@ -156,37 +155,6 @@ def test_checkpoints_keep_the_trainable_form(tmp_path):
     ckpt = tmp_path / "checkpoint-2"
     assert json.loads((ckpt / ADAPTER_CONFIG).read_text())["init_lora_weights"] == "pissa"
     assert (ckpt / INITIAL_DIR / ADAPTER_CONFIG).is_file() and not (ckpt / RESUME_DIR).exists()
-
-
-class FakeHub:
-    """Stands in for transformers.trainer.hf_api(): records what push_to_hub would upload, at upload time."""
-
-    def __init__(self):
-        self.uploads: list[dict] = []
-
-    def create_repo(self, repo_id, **kwargs):
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
-        from huggingface_hub.utils import filter_repo_objects
-
-        files = sorted(
-            os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs
-        )
-        with open(os.path.join(folder_path, ADAPTER_CONFIG), encoding="utf-8") as f:
-            adapter_config = json.load(f)
-        with open(os.path.join(folder_path, "README.md"), encoding="utf-8") as f:
-            card = f.read()
-        self.uploads.append(
-            {
-                "repo_id": repo_id,
-                "folder": folder_path,
-                "files": list(filter_repo_objects(files, ignore_patterns=ignore_patterns)),
-                "adapter_config": adapter_config,
-                "card": card,
-            }
-        )
-        return SimpleNamespace(commit_url="fake")
 
 
 def test_push_to_hub_uploads_the_servable_root_with_its_card(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@
 Data: ``reasoning_gym`` ``gsm_symbolic`` problems, generated offline from a seed, as a conversational
 prompt-completion dataset (user: the question; assistant: the worked solution ending in ``#### <answer>``), so
 TRL trains on the assistant's tokens only. Held-out problems give the eval loss (answer NLL under teacher
-forcing) and, with ``--generate N``, greedy exact-match. Writes the adapter, ``balora_config.json``,
-``balora_ref/`` and ``plain_lora/`` (serves on the untouched base model) into ``--output-dir``.
+forcing) and, with ``--generate N``, greedy exact-match. Writes the plain LoRA adapter that serves on the
+untouched base model, ``balora_config.json``, the model card and ``balora_resume/`` (the trainable PiSSA form)
+into ``--output-dir``.
 """
 
 from __future__ import annotations
