@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 from typing import Any
 
@@ -24,6 +25,7 @@ from .core.card import TAGS, update_model_card
 from .core.export import (
     ADAPTER_CONFIG,
     INITIAL_DIR,
+    export_plain_lora,
     find_initial_adapter,
     load_initial_adapter,
     resume_adapter_dir,
@@ -31,7 +33,7 @@ from .core.export import (
     write_servable_layout,
 )
 from .core.objective import BALoRAObjective, LossScaling
-from .core.reference import REF_ADAPTER, unwrap
+from .core.reference import REF_ADAPTER, add_snapshot_adapter, has_residual_base, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,15 @@ class BALoRATrainerMixin:
             "eval": defaultdict(list),
         }
         self.balora.prepare(self.model)
-        add_tags = getattr(unwrap(self.model), "add_model_tags", None)  # PEFT's card on every save_pretrained
+        peft_model = unwrap(self.model)
+        if (
+            has_residual_base(peft_model, self.balora.adapter_name)
+            and REF_ADAPTER not in peft_model.peft_config
+        ):
+            # A separate reference model (reference='model') needs no snapshot, but the final output does: the
+            # step-0 adapter is what turns the trained adapter into the plain LoRA users serve (core/export.py).
+            add_snapshot_adapter(peft_model, self.balora.adapter_name)
+        add_tags = getattr(peft_model, "add_model_tags", None)  # into PEFT's card on every save_pretrained
         if callable(add_tags):
             add_tags(list(TAGS))
 
@@ -123,7 +133,7 @@ class BALoRATrainerMixin:
             return
         self.balora.config.save_pretrained(output_dir)
         peft_model = unwrap(self.model)
-        if self.balora.mode == "adapter_snapshot" and find_initial_adapter(output_dir) is None:
+        if REF_ADAPTER in peft_model.peft_config and find_initial_adapter(output_dir) is None:
             save_initial_adapter(peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER)
 
     def _save_checkpoint(self, model, trial, *args: Any, **kwargs: Any):
@@ -135,11 +145,29 @@ class BALoRATrainerMixin:
             self._balora_in_checkpoint = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        # Trainer.push_to_hub saves through save_model(_internal_call=True) before it uploads, so the artefact is
-        # written before any upload too; and a host's save_model that pushes (args.push_to_hub) does so through it.
+        # Every save outside a checkpoint is a final one and ends with the artefact — also the one push_to_hub
+        # makes (save_model(_internal_call=True)) before it uploads args.output_dir.
         super().save_model(output_dir, _internal_call=_internal_call)
         if not getattr(self, "_balora_in_checkpoint", False):
             self._balora_write_artefacts(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # With hub_strategy="every_save" (the default) the Trainer copies each checkpoint's adapter files into
+        # output_dir and uploads that: give it the servable adapter of the checkpoint instead, from a folder the
+        # upload ignores ("_*"). The "checkpoint" strategies also upload the checkpoint itself, which must stay
+        # trainable: they push the checkpoint as it is.
+        peft_model = unwrap(self.model)
+        if self.args.hub_strategy != "every_save" or not has_residual_base(
+            peft_model, self.balora.adapter_name
+        ):
+            return super()._push_from_checkpoint(checkpoint_folder)
+        staging = os.path.join(self.args.output_dir, "_balora_push")
+        if self.is_world_process_zero():
+            export_plain_lora(checkpoint_folder, staging, overwrite=True)
+        try:
+            return super()._push_from_checkpoint(staging)  # copies from it synchronously, uploads output_dir
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _balora_write_artefacts(self, output_dir: str) -> None:
         """Make the final save in ``output_dir`` the artefact users serve (README "What you get after training").
@@ -185,7 +213,7 @@ class BALoRATrainerMixin:
             # and silently keeps the fresh trained adapter; 5.24 loads both. Reload it (a no-op where it was loaded).
             peft_model = unwrap(model if model is not None else self.model)
             load_initial_adapter(peft_model, resume_from_checkpoint, self.balora.adapter_name)
-        if self.balora.mode != "adapter_snapshot":
+        if REF_ADAPTER not in unwrap(model if model is not None else self.model).peft_config:
             return
         initial = find_initial_adapter(resume_from_checkpoint)
         if initial is None:

@@ -65,7 +65,7 @@ def _nlu_rows(n: int = 8) -> list[dict]:
     ]
 
 
-def _trainer(out, model, config, *, steps=2, **kw):
+def _trainer(out, model, config, *, steps=2, ref_model=None, **kw):
     from transformers import TrainingArguments, default_data_collator
 
     nlu = config.task == "nlu"
@@ -89,7 +89,7 @@ def _trainer(out, model, config, *, steps=2, **kw):
         train_dataset=_nlu_rows() if nlu else dataset(8),
         data_collator=default_data_collator if nlu else collate,
     )
-    trainer._balora_setup(config)
+    trainer._balora_setup(config, ref_model=ref_model)
     return trainer
 
 
@@ -149,6 +149,19 @@ def test_continued_training_from_the_final_output(tmp_path):
     assert second.state.global_step == 3 and len([h for h in second.state.log_history if "loss" in h]) == 3
 
 
+def test_separate_reference_model_still_gives_the_servable_output(tmp_path):
+    """reference='model' needs no snapshot for the loss, but the final output needs the step-0 adapter."""
+    from peft import PeftModel
+
+    trainer = _trainer(tmp_path / "run", lora(tiny_llama(), init="pissa"), NLG, ref_model=tiny_llama())
+    assert trainer.balora.mode == "model"
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / RESUME_DIR / INITIAL_DIR / ADAPTER_CONFIG).is_file()
+    served = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out"))
+    torch.testing.assert_close(_logits(served), _logits(trainer.model), rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoints_keep_the_trainable_form(tmp_path):
     trainer = _trainer(tmp_path, lora(tiny_llama(), init="pissa"), NLG, save_strategy="steps", save_steps=1)
     trainer.train()
@@ -193,6 +206,31 @@ def test_push_to_hub_uploads_the_servable_root_with_its_card(tmp_path, monkeypat
     assert "| λ3 SVD (top-10 share of the output spectrum, frobenius norm) | 0.01" in text
     assert 'PeftModel.from_pretrained(base, "me/tiny-balora")' in text
     assert f"`{RESUME_DIR}/`" in text and "never for serving" in text
+
+
+def test_pushes_during_training_upload_the_servable_adapter(tmp_path, monkeypatch):
+    """hub_strategy='every_save' (the default) uploads output_dir at every checkpoint: the plain LoRA, not the
+    checkpoint's trainable form; the checkpoints themselves stay trainable."""
+    hub = FakeHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    trainer = _trainer(
+        tmp_path,
+        lora(tiny_llama(), init="pissa"),
+        NLG,
+        save_strategy="steps",
+        save_steps=1,
+        push_to_hub=True,
+        hub_model_id="me/tiny-balora",
+    )
+    trainer.train()
+    assert len(hub.uploads) == 2
+    for up in hub.uploads:
+        assert up["adapter_config"]["init_lora_weights"] is True and up["adapter_config"]["r"] == 8
+        assert not any(f.startswith(("_", "checkpoint-")) for f in up["files"])
+    assert not (tmp_path / "_balora_push").exists()
+    assert (
+        json.loads((tmp_path / "checkpoint-2" / ADAPTER_CONFIG).read_text())["init_lora_weights"] == "pissa"
+    )
 
 
 def test_card_update_is_idempotent_and_keeps_the_hosts_card(tmp_path):
