@@ -174,8 +174,8 @@ class FakeHub:
         )
         with open(os.path.join(folder_path, "adapter_config.json"), encoding="utf-8") as f:
             adapter_config = json.load(f)
-        with open(os.path.join(folder_path, "README.md"), encoding="utf-8") as f:
-            card = f.read()
+        card_path = os.path.join(folder_path, "README.md")
+        card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else None
         self.uploads.append(
             {
                 "repo_id": repo_id,
@@ -185,4 +185,11 @@ class FakeHub:
                 "card": card,
             }
         )
-        return SimpleNamespace(commit_url="fake")
+        info = SimpleNamespace(commit_url="fake")
+        if kwargs.get("run_as_future"):  # the Trainer's pushes during training wait on a Future
+            from concurrent.futures import Future
+
+            done: Future = Future()
+            done.set_result(info)
+            return done
+        return info
