@@ -56,6 +56,36 @@ def _effective(config: BALoRAConfig) -> dict[str, Any]:
     return {**config.to_dict(), "svd_norm": config.resolved_svd_norm}
 
 
+def _settings_rows(config: BALoRAConfig) -> list[str]:
+    """The card's table rows for the preset and the three terms (weights, schedules, what each term measures)."""
+    preset, changed = nearest_preset(config)
+    preset_text = f"`{preset}`" + (
+        ", changed: " + ", ".join(f"`{k}={v!r}`" for k, v in changed.items()) if changed else ""
+    )
+    cosine, warmup = "", ""
+    if config.consistency_schedule == "cosine":
+        cosine = f", cosine decay to {config.cosine_final_ratio}·λ1"
+    if config.regularizer_schedule == "warmup":
+        start, ramp = f"{config.warmup_start:.0%}", f"{config.warmup_ramp:.0%}"
+        warmup = f", 0 for the first {start} of training, then ramped up over {ramp}"
+    if config.consistency_kind == "kl":
+        consistency = f"KL to the pre-trained model, T = {config.consistency_temperature:g}"
+    else:
+        consistency = "MSE to the pre-trained model's logits"
+    if config.diversity_kind == "entropy":
+        top = f"top-{config.entropy_top_k}" if config.entropy_top_k else "all"
+        diversity = f"entropy of the {top} logits"
+    else:
+        diversity = "logit decorrelation"
+    return [
+        f"| preset | {preset_text} |",
+        f"| λ1 consistency ({consistency}) | {config.lambda_consistency}{cosine} |",
+        f"| λ2 diversity ({diversity}) | {config.lambda_diversity}{warmup} |",
+        f"| λ3 SVD (top-{config.svd_top_k} share of the output spectrum, {config.resolved_svd_norm} norm) | "
+        f"{config.lambda_svd}{warmup} |",
+    ]
+
+
 def card_section(
     config: BALoRAConfig, directory: str, *, repo_id: str | None = None, with_citation: bool = True
 ) -> str:
@@ -68,28 +98,6 @@ def card_section(
     trained = resume or root
     base = root.get("base_model_name_or_path") or "BASE_MODEL"
     where = repo_id or "path/to/this/folder"
-    preset, changed = nearest_preset(config)
-    if changed:
-        preset_text = f"`{preset}`, changed: " + ", ".join(f"`{k}={v!r}`" for k, v in changed.items())
-    else:
-        preset_text = f"`{preset}`"
-    cosine = (
-        f", cosine decay to {config.cosine_final_ratio}·λ1" if config.consistency_schedule == "cosine" else ""
-    )
-    warmup = (
-        f", 0 for the first {config.warmup_start:.0%} of training, then ramped up over {config.warmup_ramp:.0%}"
-        if config.regularizer_schedule == "warmup"
-        else ""
-    )
-    top = f"top-{config.entropy_top_k}" if config.entropy_top_k else "all"
-    diversity = (
-        f"entropy of the {top} logits" if config.diversity_kind == "entropy" else "logit decorrelation"
-    )
-    consistency = (
-        f"KL to the pre-trained model, T = {config.consistency_temperature:g}"
-        if config.consistency_kind == "kl"
-        else "MSE to the pre-trained model's logits"
-    )
     init = trained.get("init_lora_weights", True)
     rank = f"rank {trained.get('r', '?')}"
     lines = [
@@ -101,11 +109,7 @@ def card_section(
         "",
         "| setting | value |",
         "|---|---|",
-        f"| preset | {preset_text} |",
-        f"| λ1 consistency ({consistency}) | {config.lambda_consistency}{cosine} |",
-        f"| λ2 diversity ({diversity}) | {config.lambda_diversity}{warmup} |",
-        f"| λ3 SVD (top-{config.svd_top_k} share of the output spectrum, {config.resolved_svd_norm} norm) | "
-        f"{config.lambda_svd}{warmup} |",
+        *_settings_rows(config),
         f"| task / formulation | {config.task} / {config.formulation} |",
         f"| LoRA initialisation | `{init}`, {rank} |",
         "",
