@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -206,6 +207,23 @@ def test_push_to_hub_uploads_the_servable_root_with_its_card(tmp_path, monkeypat
     assert "| λ3 SVD (top-10 share of the output spectrum, frobenius norm) | 0.01" in text
     assert 'PeftModel.from_pretrained(base, "me/tiny-balora")' in text
     assert f"`{RESUME_DIR}/`" in text and "never for serving" in text
+    # the README's table names everything the run left in output_dir, and everything it names is there
+    listed = readme_output_table()
+    for entry in os.listdir(tmp_path / "run"):
+        name = "checkpoint-N/" if entry.startswith("checkpoint-") else entry
+        assert (
+            name + ("/" if os.path.isdir(tmp_path / "run" / entry) and "/" not in name else "") in listed
+        ), entry
+    for name in listed - {"checkpoint-N/", "config.json"}:  # config.json: axolotl only
+        assert (tmp_path / "run" / name).exists(), name
+
+
+def readme_output_table() -> set[str]:
+    """The names in the first column of the README's "What you get after training" table."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = text.split("\n## What you get after training\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| in ")]
+    return {name for row in rows for name in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
 
 
 def test_pushes_during_training_upload_the_servable_adapter(tmp_path, monkeypatch):
