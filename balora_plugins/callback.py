@@ -130,8 +130,9 @@ class BALoRACallback(TrainerCallback):
     def save_model(self, output_dir: str | None = None) -> None:
         """``trainer.save_model(output_dir)`` with the BA-LoRA extras, also after :meth:`detach`.
 
-        Writes the adapter, ``balora_config.json``, the initial adapter in ``balora_ref/`` and, for PiSSA-like
-        inits, ``plain_lora/`` (a plain LoRA adapter that serves on the untouched base model).
+        Writes the artefact users serve (README "What you get after training"): the adapter that loads with
+        plain PEFT on the untouched base model at the root, ``balora_config.json``, the model card and, for
+        PiSSA-like inits, the trainable form with its initial adapter in ``balora_resume/``.
         """
         if self.trainer is None:
             raise RuntimeError(_NOT_ATTACHED)

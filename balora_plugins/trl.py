@@ -30,6 +30,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .arguments import DEFAULT_PRESET, BALoRAFields, add_balora_fields, balora_field_names
 from .config import PRESETS, BALoRAConfig
+from .core.card import PAPER
 from .core.model import validate_model
 from .core.reference import is_peft_model, resolve_mode, unwrap
 from .trainer_mixin import BALoRATrainerMixin
@@ -115,6 +116,13 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
     The model must be a LoRA ``PeftModel`` or come with ``peft_config=LoraConfig(...)``
     (``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` / ``True``). Bad combinations raise before any step.
     """
+
+    # TRL's model-card mechanism (trl/trainer/base_trainer.py, the same in TRL 1.9 - 1.16): SFTTrainer.__init__ puts
+    # `_tag_names` on the model (so PEFT's card carries them too) and create_model_card — on every checkpoint and on
+    # push_to_hub — fills "trained with {_name}, a method introduced in {_paper}" and the citation from them.
+    _tag_names = ["trl", "sft", "ba-lora", "peft"]
+    _name = "BA-LoRA"
+    _paper = PAPER
 
     def __init__(
         self,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,3 +117,79 @@ def llama():
 @pytest.fixture
 def pissa_llama():
     return lora(tiny_llama(), init="pissa")
+
+
+# A fresh process in which `import balora_plugins` fails: what a user without this package (or a server) has.
+_PLAIN_PEFT_SCRIPT = r"""
+import json, sys, torch
+sys.modules["balora_plugins"] = None  # any import of balora_plugins now fails: plain PEFT only
+sys.path.insert(0, sys.argv[1])
+import conftest
+from peft import PeftModel
+for job in json.loads(open(sys.argv[2], encoding="utf-8").read()):
+    base = getattr(conftest, job["base"])(**job.get("base_kwargs", {}))  # untouched pre-trained weights
+    model = PeftModel.from_pretrained(base, job["adapter"]).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.tensor(job["input_ids"])).logits, job["out"])
+"""
+
+
+def plain_peft_logits(jobs: list[dict], workdir) -> list[torch.Tensor]:
+    """Load each ``job["adapter"]`` with ``PeftModel.from_pretrained`` on an untouched base built by the conftest
+    function ``job["base"]`` (with ``job.get("base_kwargs")``), in one fresh process where ``balora_plugins`` is
+    not importable, and return each model's logits on ``job["input_ids"]`` (a nested list, (B, T))."""
+    import subprocess
+    import sys
+
+    workdir = str(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    jobs = [{**job, "out": os.path.join(workdir, f"plain_peft_{i}.pt")} for i, job in enumerate(jobs)]
+    spec = os.path.join(workdir, "plain_peft_jobs.json")
+    with open(spec, "w", encoding="utf-8") as f:
+        json.dump(jobs, f)
+    res = subprocess.run(
+        [sys.executable, "-c", _PLAIN_PEFT_SCRIPT, os.path.dirname(os.path.abspath(__file__)), spec],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [torch.load(job["out"]) for job in jobs]
+
+
+class FakeHub:
+    """Stands in for transformers.trainer.hf_api(): records what push_to_hub would upload, at upload time."""
+
+    def __init__(self):
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs
+        )
+        with open(os.path.join(folder_path, "adapter_config.json"), encoding="utf-8") as f:
+            adapter_config = json.load(f)
+        card_path = os.path.join(folder_path, "README.md")
+        card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else None
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "folder": folder_path,
+                "files": list(filter_repo_objects(files, ignore_patterns=ignore_patterns)),
+                "adapter_config": adapter_config,
+                "card": card,
+            }
+        )
+        info = SimpleNamespace(commit_url="fake")
+        if kwargs.get("run_as_future"):  # the Trainer's pushes during training wait on a Future
+            from concurrent.futures import Future
+
+            done: Future = Future()
+            done.set_result(info)
+            return done
+        return info

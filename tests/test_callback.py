@@ -505,6 +505,6 @@ def test_recipe_runs_tiny(script, tmp_path, capsys):
     recipe.main(["--tiny", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "balora/consistency" in out and "saved to" in out
-    assert (tmp_path / "balora_config.json").is_file()
-    assert (tmp_path / "balora_ref" / "adapter_config.json").is_file()
-    assert (tmp_path / "plain_lora" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "balora_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    # PiSSA: the trainable form and its step-0 adapter beside the servable root
+    assert (tmp_path / "balora_resume" / "balora_ref" / "adapter_config.json").is_file()

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import lora, tiny_llama, tiny_tokenizer  # noqa: E402
+from conftest import FakeHub, lora, tiny_llama, tiny_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
@@ -277,7 +277,7 @@ def test_metrics_in_log_history_and_same_seed_same_losses(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- f) saving
-def test_save_model_writes_config_reference_and_plain_lora(tmp_path):
+def test_save_model_writes_the_servable_adapter_and_the_trainable_form(tmp_path):
     tr = trainer(tmp_path / "run", max_steps=2, init="pissa_niter_4")  # PEFT's fast (randomised) PiSSA SVD
     tr.train()
     out = tmp_path / "final"
@@ -286,8 +286,9 @@ def test_save_model_writes_config_reference_and_plain_lora(tmp_path):
         "adapter_model.safetensors",
         "adapter_config.json",
         "balora_config.json",
-        f"{REF_ADAPTER}/adapter_config.json",
-        "plain_lora/adapter_model.safetensors",
+        "README.md",
+        "balora_resume/adapter_model.safetensors",
+        f"balora_resume/{REF_ADAPTER}/adapter_config.json",
     ):
         assert (out / f).is_file(), f
     assert BALoRAConfig.from_pretrained(out) == tr.balora.config
@@ -299,9 +300,33 @@ def test_save_model_writes_config_reference_and_plain_lora(tmp_path):
             tiny_llama()
         )  # untouched pre-trained weights (the PiSSA residual lives only in the trained model)
         before = base(input_ids=ids).logits
-        served = PeftModel.from_pretrained(base, str(out / "plain_lora")).eval()(input_ids=ids).logits
+        served = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
     assert (trained - before).abs().max() > 1e-3
     torch.testing.assert_close(served, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_push_to_hub_uploads_the_servable_adapter_with_trls_card_and_ours(tmp_path, monkeypatch):
+    """TRL's card (through _tag_names, _name, _paper) plus BA-LoRA's section, on the plain-LoRA root."""
+    from huggingface_hub import ModelCard
+
+    monkeypatch.setattr("trl.trainer.base_trainer.get_trackio_space_url", lambda: None, raising=False)
+    hub = FakeHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    tr = trainer(tmp_path / "run", max_steps=2, hub_model_id="me/tiny-balora")
+    tr.train()
+    tr.push_to_hub()
+    (up,) = hub.uploads
+    assert up["folder"] == str(tmp_path / "run") and up["adapter_config"]["init_lora_weights"] is True
+    assert "balora_resume/adapter_model.safetensors" in up["files"]
+    card = ModelCard(up["card"])
+    assert {"trl", "sft", "ba-lora", "peft"} <= set(card.data.tags)
+    text = card.text
+    assert (
+        "trained with BA-LoRA, a method introduced in" in text and "huggingface.co/papers/2408.04556" in text
+    )
+    assert text.count("@inproceedings{chang2026balora") == 1  # TRL's citation block; ours is not repeated
+    assert "## BA-LoRA" in text and 'PeftModel.from_pretrained(base, "me/tiny-balora")' in text
+    assert "| λ2 diversity (entropy of the top-20 logits) | 0.1 |" in text
 
 
 # ---------------------------------------------------------------------------------------------- g) resume
@@ -526,7 +551,6 @@ def test_recipe_tiny_runs(tmp_path):
     for f in (
         "adapter_model.safetensors",
         "balora_config.json",
-        f"{REF_ADAPTER}/adapter_config.json",
-        "plain_lora/adapter_config.json",
+        f"balora_resume/{REF_ADAPTER}/adapter_config.json",
     ):
         assert (tmp_path / f).is_file(), f

@@ -10,7 +10,8 @@ Hooks, in the order axolotl calls them:
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
 * ``get_trainer_cls`` / ``post_trainer_create``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT
   trainer with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), set up with the YAML's config.
-* ``post_train``: saves the final adapter through the trainer and writes ``plain_lora/`` beside it.
+* ``post_train`` (called twice by axolotl): makes ``output_dir`` the artefact users serve — the plain-LoRA adapter
+  for the untouched base at its root, the trainable form in ``balora_resume/``, BA-LoRA's model card.
 
 axolotl only *logs* a plugin whose import raises ``ImportError`` and then drops its keys, so a broken install
 is turned into a ``RuntimeError`` here: the run stops instead of training without BA-LoRA.
@@ -43,12 +44,13 @@ class BALoRAPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._trainer = None
+        self._post_train_calls = 0
 
     def get_input_args(self) -> str:
         return "balora_plugins.axolotl.args.BALoRAArgs"
 
     def register(self, cfg):
-        self._trainer = None  # axolotl keeps one plugin instance per process ...
+        self._trainer, self._post_train_calls = None, 0  # axolotl keeps one plugin instance per process ...
         if not plugin_listed(cfg):  # ... and calls every registered plugin's hooks, listed or not
             return
         unset = [k for k in KERNEL_KEYS if cfg.get(k) is None]
@@ -98,11 +100,20 @@ class BALoRAPlugin(BasePlugin):
         self._trainer = trainer
 
     def post_train(self, cfg, model):
-        # axolotl calls post_train right after trainer.train() and again after its own final save
-        # (model.save_pretrained, which bypasses Trainer.save_model): save and export on the first call,
-        # before axolotl's hub push, through the trainer's own save path.
-        trainer, self._trainer = self._trainer, None
+        # axolotl 0.19 - 0.21 (axolotl/train.py) calls post_train twice: right after trainer.train(), and at the very
+        # end of train(), after its own final save (save_trained_model: model.save_pretrained(output_dir), which
+        # bypasses Trainer.save_model and writes the trainable PiSSA form back to the root), its model card or hub
+        # push (through trainer.push_to_hub, whose save writes the artefact before the upload) and the teardown of
+        # the process group.
+        trainer = self._trainer
         if trainer is None:
             return
-        trainer.save_model(cfg.output_dir, _internal_call=True)  # adapter, balora_ref/, balora_config.json
-        trainer._balora_export(cfg.output_dir)
+        self._post_train_calls += 1
+        if self._post_train_calls == 1:
+            # every rank is here, so the trainer's save may gather weights (DeepSpeed / FSDP); it ends with the
+            # artefact, in case axolotl's own save below returns early (ReLoRA, expert parallel)
+            trainer.save_model(cfg.output_dir, _internal_call=True)
+        else:
+            # no process group any more: file operations on the main process only, on what axolotl saved
+            trainer._balora_write_artefacts(cfg.output_dir)
+            self._trainer = None

@@ -9,8 +9,8 @@ on the assistant answers only, with PiSSA-initialised LoRA on every projection a
 
 Every BA-LoRA setting is a ``--balora_*`` option (``--help`` lists them; generated from ``BALoRAConfig``).
 
-The output folder holds the adapter, ``balora_config.json``, the initial adapter (``balora_ref/``) and
-``plain_lora/``: a plain LoRA adapter for the untouched base model.
+The output folder holds the plain LoRA adapter for the untouched base model, ``balora_config.json``, the model
+card, and ``balora_resume/`` (the trainable PiSSA form with its initial adapter, for continued training).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    trainer.save_model(args.output_dir)  # adapter + balora_config.json + balora_ref/ + plain_lora/
+    trainer.save_model(args.output_dir)  # servable adapter + balora_config.json + card + balora_resume/
     tok.save_pretrained(args.output_dir)
     print(f"held-out answer NLL: {before:.4f} -> {after:.4f}; saved to {args.output_dir}")
 

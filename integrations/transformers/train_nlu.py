@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     )
     trainer.train()
     metrics = trainer.evaluate()
-    trainer.save_model(args.output_dir)  # adapter + balora_config.json + balora_ref/ + plain_lora/
+    trainer.save_model(args.output_dir)  # servable adapter + balora_config.json + card + balora_resume/
     tok.save_pretrained(args.output_dir)
     print(
         f"held-out accuracy {metrics['eval_accuracy']:.3f} (loss {metrics['eval_loss']:.4f}); saved to {args.output_dir}"

@@ -14,9 +14,10 @@ on the command line and in a ``--config`` YAML file. ``--no_balora`` sets every 
 Data: ``reasoning_gym`` ``gsm_symbolic`` problems, generated offline from a seed, as a conversational
 prompt-completion dataset (user: the question; assistant: the worked solution ending in ``#### <answer>``), so
 TRL trains on the assistant's tokens only. Held-out problems give the eval loss (answer NLL under teacher
-forcing) and, with ``--generate N``, greedy exact match scored by the dataset's own scorer. Writes the adapter,
-``balora_config.json``, ``balora_ref/`` and ``plain_lora/`` (serves on the untouched base model) into
-``--output_dir``. Models and data come from ``balora_plugins.tools.assets`` (offline; see docs/assets.md).
+forcing) and, with ``--generate N``, greedy exact match scored by the dataset's own scorer. Writes the plain LoRA
+adapter that serves on the untouched base model, ``balora_config.json``, the model card and ``balora_resume/``
+(the trainable PiSSA form) into ``--output_dir``. Models and data come from ``balora_plugins.tools.assets``
+(offline; see docs/assets.md).
 """
 
 from __future__ import annotations
