@@ -150,7 +150,12 @@ def test_trainer_save_model_after_train_writes_the_balora_artefacts(tmp_path):
         root = tmp_path / name
         files[name] = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
     assert files["trainer"] == files["callback"]
-    for f in ("balora_config.json", "balora_ref/adapter_config.json", "plain_lora/adapter_model.safetensors"):
+    for f in (
+        "balora_config.json",
+        "adapter_model.safetensors",  # the servable plain LoRA at the root
+        "balora_resume/adapter_model.safetensors",  # the trainable PiSSA form ...
+        "balora_resume/balora_ref/adapter_config.json",  # ... with its step-0 adapter
+    ):
         assert f in files["trainer"], f
     assert BALoRAConfig.from_pretrained(tmp_path / "trainer") == BALoRAConfig(**NLG)
     after = trainer.evaluate(Rows(tensors("nlg", n=4)))  # still BA-LoRA: the terms are reported
