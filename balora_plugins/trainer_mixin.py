@@ -20,6 +20,7 @@ import torch
 
 from .config import BALoRAConfig
 from .core.export import (
+    APPROXIMATE_REASON,
     INITIAL_DIR,
     export_plain_lora,
     find_initial_adapter,
@@ -27,7 +28,13 @@ from .core.export import (
     save_initial_adapter,
 )
 from .core.objective import BALoRAObjective, LossScaling
-from .core.reference import REF_ADAPTER, has_residual_base, unwrap
+from .core.reference import (
+    REF_ADAPTER,
+    adapter_state,
+    init_is_approximate,
+    restore_residual_base,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +124,7 @@ class BALoRATrainerMixin:
             return
         self.balora.config.save_pretrained(output_dir)
         peft_model = unwrap(self.model)
-        if self.balora.mode == "adapter_snapshot" and find_initial_adapter(output_dir) is None:
+        if REF_ADAPTER in peft_model.peft_config and find_initial_adapter(output_dir) is None:
             save_initial_adapter(peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -128,20 +135,28 @@ class BALoRATrainerMixin:
 
     def _balora_export(self, output_dir: str) -> None:
         """Write ``plain_lora/`` (serves on the untouched base) from the PiSSA adapter saved in ``output_dir``."""
-        if not self.args.should_save or not has_residual_base(unwrap(self.model)):
+        if not self.args.should_save or not self.balora.rewrites_base:
+            return
+        init = unwrap(self.model).peft_config[self.balora.adapter_name].init_lora_weights
+        if init_is_approximate(init):
+            logger.warning(
+                "BA-LoRA: no %s/ for init_lora_weights=%r: %s", PLAIN_LORA_DIR, init, APPROXIMATE_REASON
+            )
             return
         target = os.path.join(output_dir, PLAIN_LORA_DIR)
         export_plain_lora(output_dir, target, overwrite=True)  # our own artefact of this save, refreshed
         logger.info("BA-LoRA: plain-LoRA export (serves on the untouched base model) written to %s", target)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        peft_model = unwrap(model if model is not None else self.model)
+        # this process's own initial adapter, before the checkpoint's replaces it (transformers 5.24 loads balora_ref/)
+        fresh = adapter_state(peft_model, REF_ADAPTER) if REF_ADAPTER in peft_model.peft_config else None
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         if os.path.isfile(os.path.join(resume_from_checkpoint, "adapter_model.safetensors")):
             # transformers 5.16 (axolotl 0.19's pin), seeing adapter sub-folders (our balora_ref/), loads only those
             # and silently keeps the fresh trained adapter; 5.24 loads both. Reload it (a no-op where it was loaded).
-            peft_model = unwrap(model if model is not None else self.model)
             load_initial_adapter(peft_model, resume_from_checkpoint, self.balora.adapter_name)
-        if self.balora.mode != "adapter_snapshot":
+        if REF_ADAPTER not in peft_model.peft_config:
             return
         initial = find_initial_adapter(resume_from_checkpoint)
         if initial is None:
@@ -150,7 +165,15 @@ class BALoRATrainerMixin:
                 "without it the reference would be rebuilt from the current weights. Resume from a checkpoint "
                 "written by a BA-LoRA trainer."
             )
-        load_initial_adapter(unwrap(model if model is not None else self.model), initial, REF_ADAPTER)
+        load_initial_adapter(peft_model, initial, REF_ADAPTER)
+        if fresh is not None:  # a randomised init (pissa_niter_N) left another residual base in this process
+            fixed = restore_residual_base(peft_model, fresh)
+            if fixed:
+                logger.warning(
+                    "BA-LoRA: the checkpoint's initial adapter differs from this run's randomised init in %d layer(s); "
+                    "their frozen base weights were set back to the checkpoint's residual (W_res = W - s·B0A0).",
+                    len(fixed),
+                )
 
 
 def host_loss_scaling(trainer: Any, num_items_in_batch: Any) -> LossScaling:

@@ -17,11 +17,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import CONFIG_NAME
-from .reference import REF_ADAPTER, adapter_state
+from .reference import REF_ADAPTER, adapter_state, init_is_approximate, init_rewrites_base
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 INITIAL_DIR = REF_ADAPTER  # PEFT saves the snapshot adapter in this sub-folder too
+APPROXIMATE_REASON = (
+    "LoftQ replaces the base weight W by its quantised Q(W), and Q(W) + s·B0A0 only approximates W, so no LoRA "
+    "adapter reproduces the trained model on the untouched base; serve the adapter as saved, on the quantised base "
+    "it was trained on (LoftQ's own recipe)"
+)
 
 
 def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -81,16 +86,23 @@ def export_plain_lora(
 ) -> str:
     """Write a plain LoRA adapter for ``adapter_dir`` into ``out_dir`` and return ``out_dir``.
 
-    ``initial_dir`` defaults to the initial adapter saved in its ``balora_ref/`` sub-folder.
-    An adapter trained with ordinary LoRA init is copied unchanged (it already serves on the base model).
+    The adapter is converted (rank 2r, docs/method.md §1) when it sits on a rewritten base, which is read from
+    what training left on disk: its config names an init that rewrites the base (``init_rewrites_base``:
+    PiSSA, OLoRA, CorDA, LoRA-GA), or an initial adapter was recorded — BA-LoRA saves the step-0 adapter in
+    ``balora_ref/`` exactly when the base was rewritten, also for an adapter loaded pre-initialised whose config
+    says ``init_lora_weights=True`` — or ``initial_dir`` is given. Otherwise the adapter already serves on the
+    base and is copied unchanged. A LoftQ adapter is refused (:data:`APPROXIMATE_REASON`).
     Refuses to write into a non-empty ``out_dir`` unless ``overwrite``.
     """
     cfg, trained = _read_adapter(adapter_dir)
-    require_empty_dir(out_dir, overwrite)
     init = cfg.get("init_lora_weights", True)
-    residual = isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
-    if residual:
-        initial_dir = initial_dir or find_initial_adapter(adapter_dir)
+    if init_is_approximate(init):
+        raise ValueError(
+            f"{adapter_dir!r} was trained with init_lora_weights={init!r}: {APPROXIMATE_REASON}."
+        )
+    require_empty_dir(out_dir, overwrite)
+    initial_dir = initial_dir or find_initial_adapter(adapter_dir)
+    if init_rewrites_base(init) or initial_dir is not None:
         if initial_dir is None:
             raise FileNotFoundError(
                 f"{adapter_dir!r} was trained with init_lora_weights={init!r} but its initial adapter is missing; "
@@ -227,4 +239,5 @@ __all__ = [
     "find_initial_adapter",
     "adapter_state",
     "INITIAL_DIR",
+    "APPROXIMATE_REASON",
 ]
