@@ -36,6 +36,16 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 """The fields that take one of a fixed set of strings, and that set (for generated argument parsers)."""
 
 
+_PRESET_DEFAULT = (
+    " Default: the value of the preset matching `task` and `formulation` (see README, Configuration)."
+)
+
+
+def default_preset(task: str, formulation: str) -> str:
+    """The preset whose values a config of this ``task`` and ``formulation`` takes for every unset field."""
+    return f"{formulation}-{task}"
+
+
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
@@ -45,7 +55,10 @@ class BALoRAConfig:
     """Configuration of the BA-LoRA regularizers.
 
     Total loss ``L = L_task + λ1·L_CR + λ2·L_DR + λ3·L_SVD`` (docs/method.md §3). Build one with
-    ``BALoRAConfig(...)`` or ``BALoRAConfig.from_preset("iclr2026-nlg", **overrides)``.
+    ``BALoRAConfig(...)`` or ``BALoRAConfig.from_preset("iclr2026-nlg", **overrides)``. The weights, k, K, T, the
+    SVD norm and the schedules you do not set take the values of the preset matching ``task`` and
+    ``formulation`` (``BALoRAConfig(task="nlu")`` is the ``iclr2026-nlu`` preset, ``BALoRAConfig()`` the
+    ``iclr2026-nlg`` one, schedules included).
     """
 
     task: str = _help(
@@ -56,28 +69,36 @@ class BALoRAConfig:
         "or `v5` (paper v1-v5: plain KL / MSE, full entropy, nuclear-normalised SVD).",
         default="iclr2026",
     )
-    lambda_consistency: float = _help("λ1, weight of the consistency term L_CR.", default=0.025)
-    lambda_diversity: float = _help("λ2, weight of the diversity term L_DR.", default=0.005)
-    lambda_svd: float = _help("λ3, weight of the SVD term L_SVD.", default=0.005)
-    svd_top_k: int = _help("k, the number of top singular values the SVD term concentrates on.", default=10)
+    # The fields below default to None = "the value of the preset matching task and formulation" (filled in
+    # __post_init__, see PRESET_FIELDS): BALoRAConfig(task="nlu") is the iclr2026-nlu preset, not NLG weights.
+    lambda_consistency: float = _help(
+        "λ1, weight of the consistency term L_CR." + _PRESET_DEFAULT, default=None
+    )
+    lambda_diversity: float = _help("λ2, weight of the diversity term L_DR." + _PRESET_DEFAULT, default=None)
+    lambda_svd: float = _help("λ3, weight of the SVD term L_SVD." + _PRESET_DEFAULT, default=None)
+    svd_top_k: int = _help(
+        "k, the number of top singular values the SVD term concentrates on." + _PRESET_DEFAULT, default=None
+    )
     diversity_top_k: int = _help(
-        "K, the entropy (NLG) uses the K largest logits of each position, renormalised; 0 = full vocabulary.",
-        default=20,
+        "K, the entropy (NLG) uses the K largest logits of each position, renormalised; 0 = full vocabulary."
+        + _PRESET_DEFAULT,
+        default=None,
     )
     temperature: float = _help(
-        "T of the consistency KL (the loss is T²·KL of the tempered softmaxes).", default=2.0
+        "T of the consistency KL (the loss is T²·KL of the tempered softmaxes)." + _PRESET_DEFAULT,
+        default=None,
     )
     svd_norm: str = _help(
         "Denominator of the SVD share: `frobenius` (‖Z‖_F), `nuclear` (Σσ) or `auto` "
-        "(iclr2026: frobenius for nlg, nuclear for nlu; v5: nuclear).",
-        default="auto",
+        "(iclr2026: frobenius for nlg, nuclear for nlu; v5: nuclear)." + _PRESET_DEFAULT,
+        default=None,
     )
     consistency_schedule: str = _help(
         "`constant`; `cosine`: λ1 decays by a cosine from λ1 to cosine_final_ratio·λ1 over training; or "
         "`adaptive`: per micro-batch, λ1 = lambda_consistency_min + (lambda_consistency_max − "
         "lambda_consistency_min)·c with c = 1 − H/log|V| the confidence of the reference (H: its mean "
-        "tempered entropy over the valid rows), so a confident reference pulls harder.",
-        default="constant",
+        "tempered entropy over the valid rows), so a confident reference pulls harder." + _PRESET_DEFAULT,
+        default=None,
     )
     cosine_final_ratio: float = _help("Final fraction of λ1 under the cosine schedule.", default=0.1)
     lambda_consistency_min: float | None = _help(
@@ -92,8 +113,8 @@ class BALoRAConfig:
     regularizer_schedule: str = _help(
         "`constant`; `warmup`: λ2 and λ3 are 0 for the first warmup_start of training, then ramp linearly "
         "to full value over the next warmup_ramp; `linear_warmup` / `quadratic_warmup`: they rise from 0 as "
-        "(progress/warmup_start) or its square over the first warmup_start of training.",
-        default="constant",
+        "(progress/warmup_start) or its square over the first warmup_start of training." + _PRESET_DEFAULT,
+        default=None,
     )
     warmup_start: float = _help(
         "Fraction of training during which λ2 = λ3 = 0 (warmup), or over which they rise "
@@ -110,9 +131,10 @@ class BALoRAConfig:
         default=False,
     )
     reference: str = _help(
-        "Reference for the consistency term: `auto` (snapshot for PiSSA-like inits, disabled adapter otherwise), "
-        "`adapter_snapshot` (frozen copy of the initial adapter), `disabled_adapter`, or `model` "
-        "(a separate reference model you pass).",
+        "Reference for the consistency term: `auto` (the snapshot when the adapter's base was rewritten: PiSSA-like "
+        "inits, a pre-initialised PiSSA pair; the disabled adapter when the adapter adds nothing at the start; "
+        "refused when the model cannot tell), `adapter_snapshot` (frozen copy of the initial adapter), "
+        "`disabled_adapter`, or `model` (a separate reference model you pass).",
         default="auto",
     )
     chunk_size: int = _help(
@@ -131,7 +153,17 @@ class BALoRAConfig:
     eps: float = _help("Added to the SVD denominators.", default=1e-8)
 
     def __post_init__(self) -> None:
+        self._fill_preset_defaults()
         self._validate()
+
+    def _fill_preset_defaults(self) -> None:
+        """Unset (None) preset fields take the values of the preset matching ``task`` and ``formulation``."""
+        _choice("task", self.task, TASKS)
+        _choice("formulation", self.formulation, FORMULATIONS)
+        preset = {**_PRESET_FALLBACK, **PRESETS[default_preset(self.task, self.formulation)]}
+        for name in PRESET_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -337,6 +369,8 @@ class BALoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BALoRAConfig:
+        """A config from a dict of fields, optionally with ``preset``: the keys overlay that preset, or without
+        one the preset matching the dict's ``task`` and ``formulation`` (default ``iclr2026-nlg``)."""
         data = dict(data)
         preset = data.pop("preset", None)
         _check_keys(data, "BALoRAConfig.from_dict")
@@ -369,7 +403,11 @@ class BALoRAConfig:
 
     @classmethod
     def coerce(cls, value: BALoRAConfig | str | dict | None, **defaults: Any) -> BALoRAConfig:
-        """Accept a config, a preset name, a dict, or None (the default ``iclr2026-nlg`` preset)."""
+        """Accept a config, a preset name, a dict, or None (the default ``iclr2026-nlg`` preset).
+
+        A dict without ``preset`` overlays the preset matching its ``task`` and ``formulation`` (by default
+        ``iclr2026-nlg``, schedules included), exactly like ``BALoRAConfig(**dict)``.
+        """
         if isinstance(value, BALoRAConfig):
             return value
         if value is None:
@@ -434,6 +472,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named settings; ``iclr2026-*`` are the defaults of the current paper (docs/method.md §3.1), ``v5-*`` the earlier
 formulation (docs/method.md §3.2)."""
+
+PRESET_FIELDS = (
+    "lambda_consistency",
+    "lambda_diversity",
+    "lambda_svd",
+    "svd_top_k",
+    "diversity_top_k",
+    "temperature",
+    "svd_norm",
+    "consistency_schedule",
+    "regularizer_schedule",
+)
+"""Fields whose default is the value of the preset matching ``task`` and ``formulation``
+(:func:`default_preset`): ``BALoRAConfig(task="nlu")`` equals ``BALoRAConfig.from_preset("iclr2026-nlu")``."""
+_PRESET_FALLBACK = {
+    "diversity_top_k": 20,
+    "consistency_schedule": "constant",
+    "regularizer_schedule": "constant",
+}
 
 
 def _field_names() -> set[str]:

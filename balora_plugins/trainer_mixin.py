@@ -24,6 +24,7 @@ from .config import BALoRAConfig
 from .core.card import TAGS, update_model_card
 from .core.export import (
     ADAPTER_CONFIG,
+    APPROXIMATE_REASON,
     INITIAL_DIR,
     export_plain_lora,
     find_initial_adapter,
@@ -33,7 +34,13 @@ from .core.export import (
     write_servable_layout,
 )
 from .core.objective import BALoRAObjective, LossScaling
-from .core.reference import REF_ADAPTER, add_snapshot_adapter, has_residual_base, unwrap
+from .core.reference import (
+    REF_ADAPTER,
+    adapter_state,
+    init_is_approximate,
+    restore_residual_base,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +60,9 @@ class BALoRATrainerMixin:
     ) -> None:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
         self.balora.prepare(self.model)
+        # prepare() keeps the step-0 snapshot whenever the base was rewritten, also with a separate reference model:
+        # it is what turns the trained adapter into the plain LoRA users serve (core/export.py).
         peft_model = unwrap(self.model)
-        if (
-            has_residual_base(peft_model, self.balora.adapter_name)
-            and REF_ADAPTER not in peft_model.peft_config
-        ):
-            # A separate reference model (reference='model') needs no snapshot, but the final output does: the
-            # step-0 adapter is what turns the trained adapter into the plain LoRA users serve (core/export.py).
-            add_snapshot_adapter(peft_model, self.balora.adapter_name)
         add_tags = getattr(peft_model, "add_model_tags", None)  # into PEFT's card on every save_pretrained
         if callable(add_tags):
             add_tags(list(TAGS))
@@ -166,8 +168,11 @@ class BALoRATrainerMixin:
         # upload ignores ("_*"). The "checkpoint" strategies also upload the checkpoint itself, which must stay
         # trainable: they push the checkpoint as it is.
         peft_model = unwrap(self.model)
-        if self.args.hub_strategy != "every_save" or not has_residual_base(
-            peft_model, self.balora.adapter_name
+        init = peft_model.peft_config[self.balora.adapter_name].init_lora_weights
+        if (
+            self.args.hub_strategy != "every_save"
+            or not self.balora.rewrites_base
+            or init_is_approximate(init)
         ):
             return super()._push_from_checkpoint(checkpoint_folder)
         staging = os.path.join(self.args.output_dir, "_balora_push")
@@ -190,6 +195,11 @@ class BALoRATrainerMixin:
         if not self.args.should_save:
             return
         self.balora.config.save_pretrained(output_dir)
+        init = unwrap(self.model).peft_config[self.balora.adapter_name].init_lora_weights
+        if init_is_approximate(init):
+            logger.warning(
+                "BA-LoRA: %s stays the adapter as trained (no plain LoRA: %s)", output_dir, APPROXIMATE_REASON
+            )
         resume = write_servable_layout(output_dir)
         if resume is not None:
             logger.info(
@@ -216,13 +226,15 @@ class BALoRATrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The final output of a run holds the trainable form in balora_resume/ (its root: the converted plain LoRA).
         resume_from_checkpoint = resume_adapter_dir(resume_from_checkpoint)
+        peft_model = unwrap(model if model is not None else self.model)
+        # this process's own initial adapter, before the checkpoint's replaces it (transformers 5.24 loads balora_ref/)
+        fresh = adapter_state(peft_model, REF_ADAPTER) if REF_ADAPTER in peft_model.peft_config else None
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         if os.path.isfile(os.path.join(resume_from_checkpoint, "adapter_model.safetensors")):
             # transformers 5.16 (axolotl 0.19's pin), seeing adapter sub-folders (our balora_ref/), loads only those
             # and silently keeps the fresh trained adapter; 5.24 loads both. Reload it (a no-op where it was loaded).
-            peft_model = unwrap(model if model is not None else self.model)
             load_initial_adapter(peft_model, resume_from_checkpoint, self.balora.adapter_name)
-        if REF_ADAPTER not in unwrap(model if model is not None else self.model).peft_config:
+        if REF_ADAPTER not in peft_model.peft_config:
             return
         initial = find_initial_adapter(resume_from_checkpoint)
         if initial is None:
@@ -231,7 +243,15 @@ class BALoRATrainerMixin:
                 "without it the reference would be rebuilt from the current weights. Resume from a checkpoint "
                 "written by a BA-LoRA trainer."
             )
-        load_initial_adapter(unwrap(model if model is not None else self.model), initial, REF_ADAPTER)
+        load_initial_adapter(peft_model, initial, REF_ADAPTER)
+        if fresh is not None:  # a randomised init (pissa_niter_N) left another residual base in this process
+            fixed = restore_residual_base(peft_model, fresh)
+            if fixed:
+                logger.warning(
+                    "BA-LoRA: the checkpoint's initial adapter differs from this run's randomised init in %d layer(s); "
+                    "their frozen base weights were set back to the checkpoint's residual (W_res = W - s·B0A0).",
+                    len(fixed),
+                )
 
 
 def host_loss_scaling(trainer: Any, num_items_in_batch: Any) -> LossScaling:

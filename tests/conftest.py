@@ -15,26 +15,64 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 96
+TINY_TEXT = dict(  # the decoder every tiny test model uses (Llama-style config keys)
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# a vision tower (CLIP / SigLIP keys) on 8×8 images of 4 patches
+TINY_VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=8,
+    patch_size=4,
+)
+CONSTANT = {
+    "consistency_schedule": "constant",
+    "regularizer_schedule": "constant",
+}  # every term on from step 1
 
 
 def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = LlamaConfig(**{**TINY_TEXT, "vocab_size": vocab}, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_llava(seed: int = 0):
+    """A tiny Llava (CLIP vision tower, projector, the tiny Llama): one 8×8 image is 4 patches of 4×4, its
+    placeholder token id 95."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=LlamaConfig(**TINY_TEXT),
+        image_token_index=95,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def perturb(model, adapter: str = "default", seed: int = 1, scale: float = 0.05) -> None:
+    """Stand-in for optimizer steps: move every parameter of ``adapter``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".{adapter}." in n:
+                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def tiny_tokenizer(vocab: int = VOCAB):

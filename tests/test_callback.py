@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, lora, tiny_bert_classifier, tiny_llama
+from conftest import CONSTANT, VOCAB, lora, tiny_bert_classifier, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from balora_plugins import BALoRAConfig
@@ -21,7 +21,7 @@ from balora_plugins.trainer_mixin import BALoRATrainerMixin
 NUM_LABELS = 4
 BERT_TARGETS = ("query", "key", "value", "dense")
 OFF = {"lambda_consistency": 0.0, "lambda_diversity": 0.0, "lambda_svd": 0.0}
-NLG = {"task": "nlg", "lambda_consistency": 1.0, "lambda_diversity": 0.2, "lambda_svd": 0.2}
+NLG = {"task": "nlg", "lambda_consistency": 1.0, "lambda_diversity": 0.2, "lambda_svd": 0.2, **CONSTANT}
 NLU = {"task": "nlu", "lambda_consistency": 1.0, "lambda_diversity": 0.2, "lambda_svd": 0.2, "svd_top_k": 2}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,7 +232,7 @@ def test_loss_is_host_loss_plus_regularizer(task, host, tmp_path):
 # ---------------------------------------------------------------------------------------------- accumulation
 def test_gradient_accumulation_matches_trainer_scaling(tmp_path):
     """Token-level terms: 4 × 1 and 2 × 2 micro-batches give the same update (SGD, so any mis-scaling shows)."""
-    cfg = BALoRAConfig(task="nlg", lambda_consistency=10.0, lambda_diversity=0.5, lambda_svd=0.0)
+    cfg = BALoRAConfig(task="nlg", lambda_consistency=10.0, lambda_diversity=0.5, lambda_svd=0.0, **CONSTANT)
     kw = dict(optim="sgd", learning_rate=0.5, max_steps=2)
     one = train(
         "nlg", tmp_path / "a", cfg, per_device_train_batch_size=4, gradient_accumulation_steps=1, **kw
@@ -311,6 +311,7 @@ def test_resume_restores_reference_and_schedule(tmp_path):
         lambda_diversity=0.2,
         lambda_svd=0.2,
         consistency_schedule="cosine",
+        regularizer_schedule="constant",
     )
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-2)
     initial = adapter(nlg_model())

@@ -6,7 +6,8 @@ Hooks, in the order axolotl calls them:
   fused kernels (see ``args.KERNEL_REASON``).
 * config validation (:class:`~.args.BALoRAArgs`): key types/values, misspelled ``balora_*`` keys,
   ``adapter: lora``, no RL / reward model / ReLoRA, no MLP/embedding LoRA kernels.
-* ``post_lora_load``: validates the PEFT model and adds the frozen snapshot of the initial (PiSSA) adapter.
+* ``post_lora_load``: validates the PEFT model, decides the reference and adds the frozen snapshot of the initial
+  adapter on a rewritten base (PiSSA created here, or a pre-initialised PiSSA pair from ``lora_model_dir``).
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
 * ``get_trainer_cls`` / ``post_trainer_create``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT
   trainer with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), set up with the YAML's config.
@@ -23,8 +24,8 @@ try:
     from axolotl.integrations.base import BasePlugin
     from axolotl.utils.logging import get_logger
 
-    from ..core.objective import BALoRAObjective
-    from ..core.reference import REF_ADAPTER, has_residual_base, unwrap
+    from ..core.model import validate_model
+    from ..core.reference import REF_ADAPTER, init_rewrites_base, lora_init, prepare_reference, unwrap
     from .args import KERNEL_KEYS, KERNEL_REASON, BALoRAArgs, balora_config_from_cfg, plugin_listed
 except ImportError as _exc:  # axolotl would swallow an ImportError and train without BA-LoRA
     raise RuntimeError(
@@ -63,15 +64,21 @@ class BALoRAPlugin(BasePlugin):
         if not plugin_listed(cfg):
             return
         peft_model = unwrap(model)
-        if cfg.lora_model_dir and has_residual_base(peft_model):
+        config = balora_config_from_cfg(cfg)
+        if cfg.lora_model_dir and init_rewrites_base(lora_init(peft_model)):
+            # PEFT re-ran the init on load (its config names it): the base is a fresh residual and the adapter
+            # holds the saved weights, so neither the step-0 adapter nor the base it was trained on is here.
             raise ValueError(
-                f"lora_model_dir={cfg.lora_model_dir!r} holds a PiSSA-type adapter: its frozen base must be the "
-                "residual it was trained on, and its step-0 adapter is not the one loaded. Resume a BA-LoRA run with "
-                "`resume_from_checkpoint`, or start from a plain-init LoRA adapter."
+                f"lora_model_dir={cfg.lora_model_dir!r} holds an adapter whose config says init_lora_weights="
+                f"{lora_init(peft_model)!r}: PEFT ran that init again on load, rewriting the base, so the adapter is "
+                "not on the base it was saved with. Resume a BA-LoRA run with `resume_from_checkpoint`; or load a "
+                "pre-initialised PiSSA pair the way PEFT's recipe saves it — `base_model:` the residual model, "
+                "`lora_model_dir:` the adapter saved with init_lora_weights=True (BA-LoRA recognises the pair); or "
+                "start from a plain-init LoRA adapter."
             )
-        objective = BALoRAObjective(balora_config_from_cfg(cfg)).prepare(peft_model)  # adds the snapshot
-        objective.remove_hooks()  # the trainer's own objective captures the forwards
-        LOG.info("BA-LoRA: reference mode %r, config %s", objective.mode, objective.config.to_dict())
+        validate_model(peft_model, config)
+        mode = prepare_reference(peft_model, config.reference)  # adds the snapshot on a rewritten base
+        LOG.info("BA-LoRA: reference mode %r, config %s", mode, config.to_dict())
 
     def post_model_load(self, cfg, model):
         if not plugin_listed(cfg):

@@ -24,17 +24,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import CONFIG_NAME
-from .reference import REF_ADAPTER, adapter_state
+from .reference import REF_ADAPTER, adapter_state, init_is_approximate, init_rewrites_base
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 INITIAL_DIR = REF_ADAPTER  # PEFT saves the snapshot adapter in this sub-folder too
 # In a final output: the residual-base adapter, its INITIAL_DIR and balora_config.json, for continued training.
 RESUME_DIR = "balora_resume"
-# inits whose trained adapter is only correct on a rewritten (residual) base, and convert to plain LoRA
-CONVERTIBLE_INITS = ("pissa", "olora", "corda")
 _ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin")
 MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+APPROXIMATE_REASON = (
+    "LoftQ replaces the base weight W by its quantised Q(W), and Q(W) + s·B0A0 only approximates W, so no LoRA "
+    "adapter reproduces the trained model on the untouched base; serve the adapter as saved, on the quantised base "
+    "it was trained on (LoftQ's own recipe)"
+)
 
 
 def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -60,11 +63,26 @@ def _read_config(directory: str) -> dict | None:
         return json.load(f)
 
 
-def is_residual_init(adapter_config: dict) -> bool:
-    """True when ``adapter_config`` (an ``adapter_config.json`` as a dict) describes an adapter trained on a residual
-    base (PiSSA, OLoRA, CorDA): it needs :func:`export_plain_lora` before it serves on the untouched base."""
+def _own_initial_adapter(adapter_dir: str) -> str | None:
+    """``adapter_dir/balora_ref`` when the step-0 adapter was saved right beside the adapter, else None."""
+    cand = os.path.join(adapter_dir, INITIAL_DIR)
+    return cand if os.path.isfile(os.path.join(cand, ADAPTER_CONFIG)) else None
+
+
+def needs_conversion(adapter_config: dict, adapter_dir: str | None = None) -> bool:
+    """True when the adapter saved in ``adapter_dir`` (its ``adapter_config.json`` as a dict) sits on a rewritten
+    base and needs :func:`export_plain_lora` before it serves on the untouched base.
+
+    Read from what training left on disk — the on-disk half of :func:`~balora_plugins.core.reference.adapter_start`:
+    the config names an init that rewrites the base (``init_rewrites_base``: PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ),
+    or the step-0 adapter was recorded right beside it (``balora_ref/``, written exactly when the base was
+    rewritten — also for a pre-initialised PiSSA pair whose config says ``init_lora_weights=True``). The converted
+    root of a final output has neither, so converting is idempotent.
+    """
     init = adapter_config.get("init_lora_weights", True)
-    return isinstance(init, str) and init.lower().startswith(CONVERTIBLE_INITS)
+    return init_rewrites_base(init) or (
+        adapter_dir is not None and _own_initial_adapter(adapter_dir) is not None
+    )
 
 
 def resume_adapter_dir(path: str) -> str:
@@ -77,7 +95,7 @@ def resume_adapter_dir(path: str) -> str:
     if not os.path.isfile(os.path.join(sub, ADAPTER_CONFIG)):
         return path
     root = _read_config(path)
-    return path if root is not None and is_residual_init(root) else sub
+    return path if root is not None and needs_conversion(root, path) else sub
 
 
 def find_initial_adapter(adapter_dir: str) -> str | None:
@@ -126,16 +144,23 @@ def export_plain_lora(
 ) -> str:
     """Write a plain LoRA adapter for ``adapter_dir`` into ``out_dir`` and return ``out_dir``.
 
-    ``initial_dir`` defaults to the initial adapter saved in its ``balora_ref/`` sub-folder.
-    An adapter trained with ordinary LoRA init — or the root of a BA-LoRA run's final output, already converted —
-    is copied unchanged (it already serves on the base model). Refuses to write into a non-empty ``out_dir``
-    unless ``overwrite``.
+    The adapter is converted (rank 2r, docs/method.md §1) when it sits on a rewritten base
+    (:func:`needs_conversion`): its config names an init that rewrites the base, or a step-0 adapter was recorded
+    beside it in ``balora_ref/`` — BA-LoRA saves it exactly when the base was rewritten, also for an adapter loaded
+    pre-initialised whose config says ``init_lora_weights=True`` — or ``initial_dir`` is given. Otherwise — ordinary
+    LoRA init, or the root of a BA-LoRA run's final output, already converted — the adapter already serves on the
+    base and is copied unchanged. A LoftQ adapter is refused (:data:`APPROXIMATE_REASON`). Refuses to write into a
+    non-empty ``out_dir`` unless ``overwrite``.
     """
     cfg, trained = _read_adapter(adapter_dir)
+    init = cfg.get("init_lora_weights", True)
+    if init_is_approximate(init):
+        raise ValueError(
+            f"{adapter_dir!r} was trained with init_lora_weights={init!r}: {APPROXIMATE_REASON}."
+        )
     require_empty_dir(out_dir, overwrite)
-    if is_residual_init(cfg):
-        init = cfg["init_lora_weights"]
-        initial_dir = initial_dir or find_initial_adapter(adapter_dir)
+    if initial_dir is not None or needs_conversion(cfg, adapter_dir):
+        initial_dir = initial_dir or _own_initial_adapter(adapter_dir)
         if initial_dir is None:
             raise FileNotFoundError(
                 f"{adapter_dir!r} was trained with init_lora_weights={init!r} but its initial adapter is missing; "
@@ -176,8 +201,10 @@ def write_servable_layout(output_dir: str) -> str | None:
     ``balora_resume/`` is used: the step-0 adapter never changes during a run.
     """
     cfg = _read_config(output_dir)
-    if cfg is None or not is_residual_init(cfg):
+    if cfg is None or not needs_conversion(cfg, output_dir):
         return None
+    if init_is_approximate(cfg.get("init_lora_weights")):
+        return None  # LoftQ: no servable plain LoRA exists (APPROXIMATE_REASON); the root stays as trained
     resume = os.path.join(output_dir, RESUME_DIR)
     if os.path.isdir(resume) and os.listdir(resume) and not os.path.isfile(os.path.join(resume, CONFIG_NAME)):
         raise FileExistsError(
@@ -328,7 +355,7 @@ __all__ = [
     "require_empty_dir",
     "write_servable_layout",
     "resume_adapter_dir",
-    "is_residual_init",
+    "needs_conversion",
     "RESUME_DIR",
     "export_merged",
     "export_plain_lora",
@@ -339,4 +366,5 @@ __all__ = [
     "find_initial_adapter",
     "adapter_state",
     "INITIAL_DIR",
+    "APPROXIMATE_REASON",
 ]

@@ -28,7 +28,14 @@ from ..config import BALoRAConfig
 from ..functional import valid_position_mask
 from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
-from .model import check_reference_head, decoder_of, output_head, validate_model
+from .model import (
+    check_head_reproduces_logits,
+    check_reference_head,
+    check_trained_parameters,
+    output_head,
+    replay_backbone,
+    validate_model,
+)
 from .plugins import collect_terms
 from .terms import MATRIX, ROW, TemperedEntropyRows, Term
 
@@ -92,6 +99,8 @@ class BALoRAObjective:
         self.mode: str | None = None
         self.head: OutputHead | None = None
         self._backbone: nn.Module | None = None
+        self._backbone_path: str | None = None
+        self._peft_model: nn.Module | None = None
         self._hook = None
         self._captured: dict[str, Any] | None = None
         self._in_reference = False
@@ -100,28 +109,52 @@ class BALoRAObjective:
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> BALoRAObjective:
-        """Validate ``model`` and install the reference and the capture hook. Idempotent."""
+        """Validate ``model`` and install the reference and the capture hook. Idempotent.
+
+        Before anything is changed: a ``ref_model`` that is part of the trained model is refused. Then the model
+        checks (:func:`~.model.validate_model`), the reference (:func:`~.reference.prepare_reference`: decided once,
+        recorded on the model), and for NLG the replayed backbone and the output head, checked on one probe
+        forward of a few tokens (:func:`~.model.replay_backbone`, :func:`~.model.check_head_reproduces_logits`).
+        """
         peft_model = ref.unwrap(model)
+        # checks first: nothing of the user's (the model, a ref_model) is changed when one of them refuses
+        if self.ref_model is not None:
+            ref.check_separate_reference(self.ref_model, peft_model)
         validate_model(peft_model, self.config, self.adapter_name)
-        self.mode = ref.resolve_mode(self.config.reference, peft_model, self.ref_model, self.adapter_name)
-        if self.mode == "adapter_snapshot" and ref.REF_ADAPTER not in peft_model.peft_config:
-            ref.add_snapshot_adapter(peft_model, self.adapter_name)
+        mode = ref.resolve_mode(self.config.reference, peft_model, self.ref_model, self.adapter_name)
+        if mode != "model":
+            check_trained_parameters(peft_model, self.adapter_name)
         base = peft_model.get_base_model()
+        backbone, path = self._backbone, self._backbone_path
         if self.config.task == "nlg":
             self.head = output_head(base)
-            backbone = decoder_of(base)
-            if backbone is not self._backbone:
-                self.remove_hooks()
-                self._backbone = backbone
-                self._hook = backbone.register_forward_hook(self._capture, with_kwargs=True)
+            if backbone is None or not any(m is backbone for m in base.modules()):
+                path, backbone, probe = replay_backbone(peft_model, self.adapter_name)
+                if probe is not None:
+                    check_head_reproduces_logits(self.head, probe, peft_model)
+            if self.ref_model is not None:
+                check_reference_head(self.head, self.ref_model)
         else:
             self.num_classes = int(base.config.num_labels)
             self.config.check_num_classes(self.num_classes)
+        # then install
+        self._peft_model = peft_model
+        self.mode = ref.prepare_reference(
+            peft_model, self.config.reference, self.ref_model, self.adapter_name
+        )
+        if self.config.task == "nlg" and backbone is not self._backbone:
+            self.remove_hooks()
+            self._backbone, self._backbone_path = backbone, path
+            self._hook = backbone.register_forward_hook(self._capture, with_kwargs=True)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
-            if self.config.task == "nlg":
-                check_reference_head(self.head, self.ref_model)
         return self
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the trained adapter's frozen base is not the pre-trained model (decided at :meth:`prepare`):
+        the exports must then convert the adapter (docs/method.md §1)."""
+        return self._peft_model is not None and ref.has_residual_base(self._peft_model, self.adapter_name)
 
     @property
     def captured_hidden(self) -> torch.Tensor | None:
@@ -167,8 +200,12 @@ class BALoRAObjective:
         self._in_reference = True
         try:
             if self.mode == "model":
-                with torch.no_grad():
-                    out = decoder_of(ref.unwrap(self.ref_model))(*cap["args"], **kwargs)
+                inner = ref.unwrap(self.ref_model)
+                inner = inner.get_base_model() if ref.is_peft_model(inner) else inner
+                with (
+                    torch.no_grad()
+                ):  # the same module of the reference model as the student's replayed backbone
+                    out = inner.get_submodule(self._backbone_path)(*cap["args"], **kwargs)
             else:
                 inner = ref.unwrap(model)
                 with ref.reference_mode(inner, self.mode), contextlib.ExitStack() as stack:
@@ -306,8 +343,9 @@ class BALoRAObjective:
         self.head = output_head(ref.unwrap(model).get_base_model())
         mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
-        if not bool(mask.any()):
-            self._finite("no_valid_rows", torch.tensor(float("nan")), metrics)
+        if not bool(mask.any()):  # legitimate (a prompt truncated to the max length): nothing to regularise
+            self.skipped["no_valid_rows"] = self.skipped.get("no_valid_rows", 0) + 1
+            metrics["balora/skipped_no_valid_rows"] = float(self.skipped["no_valid_rows"])
             self._captured = None
             return None, None, None, True
         rows = hidden[mask]
