@@ -4,16 +4,20 @@ Hooks, in the order axolotl calls them:
 
 * ``register`` (raw YAML): unset ``lora_*_kernel`` keys are set to false before axolotl would auto-enable its
   fused kernels (see ``args.KERNEL_REASON``).
-* config validation (:class:`~.args.BALoRAArgs`): key types/values, misspelled ``balora_*`` keys,
-  ``adapter: lora``, no RL / reward model / ReLoRA, no MLP/embedding LoRA kernels.
+* config validation (:class:`~.args.BALoRAArgs`): key types/values, then one validator per rule: misspelled
+  ``balora_*`` keys, ``adapter: lora``/``qlora``, no PiSSA on a quantised base, no RL / reward model / KD trainer /
+  ReLoRA, no MLP/embedding LoRA kernels, the axolotl release (``compat.py``, the one place releases differ).
 * ``post_lora_load``: validates the PEFT model and adds the frozen snapshot of the initial (PiSSA) adapter.
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
-* ``get_trainer_cls`` / ``post_trainer_create``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT
-  trainer with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), set up with the YAML's config.
+* ``get_training_args_mixin`` / ``get_training_args``: the ``balora_*`` values travel on axolotl's
+  ``TrainingArguments`` (:class:`~.args.BALoRATrainingArgsMixin`), as axolotl's own KD plugin hands over its keys.
+* ``get_trainer_cls``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT trainer with
+  :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), which configures itself from ``self.args``.
+* ``post_trainer_create``: checks axolotl built that trainer (not another plugin's).
 * ``post_train``: saves the final adapter through the trainer and writes ``plain_lora/`` beside it.
 
-axolotl only *logs* a plugin whose import raises ``ImportError`` and then drops its keys, so a broken install
-is turned into a ``RuntimeError`` here: the run stops instead of training without BA-LoRA.
+axolotl 0.19 only *logs* a plugin whose import raises ``ImportError`` and then drops its keys, so a broken install
+is turned into a ``RuntimeError`` here: the run stops instead of training without BA-LoRA (0.21 raises itself).
 """
 
 from __future__ import annotations
@@ -24,11 +28,21 @@ try:
 
     from ..core.objective import BALoRAObjective
     from ..core.reference import REF_ADAPTER, has_residual_base, unwrap
-    from .args import KERNEL_KEYS, KERNEL_REASON, BALoRAArgs, balora_config_from_cfg, plugin_listed
+    from . import compat
+    from .args import (
+        KERNEL_KEYS,
+        KERNEL_REASON,
+        PLUGIN,
+        TRAINING_ARGS,
+        BALoRAArgs,
+        balora_config_from_cfg,
+        plugin_listed,
+        training_args_from_cfg,
+    )
 except ImportError as _exc:  # axolotl would swallow an ImportError and train without BA-LoRA
     raise RuntimeError(
-        f"balora_plugins.axolotl.BALoRAPlugin cannot be imported ({type(_exc).__name__}: {_exc}). axolotl only logs "
-        "a plugin that fails to import and then trains WITHOUT it, so this run stops here. Repair the install "
+        f"balora_plugins.axolotl.BALoRAPlugin cannot be imported ({type(_exc).__name__}: {_exc}). axolotl 0.19 only "
+        "logs a plugin that fails to import and then trains WITHOUT it, so this run stops here. Repair the install "
         "(pip install 'balora-plugins[axolotl]'), or remove the plugin line and every balora_* key."
     ) from _exc
 
@@ -43,6 +57,7 @@ class BALoRAPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._trainer = None
+        self._unset_kernels: tuple[str, ...] = ()
 
     def get_input_args(self) -> str:
         return "balora_plugins.axolotl.args.BALoRAArgs"
@@ -52,6 +67,7 @@ class BALoRAPlugin(BasePlugin):
         if not plugin_listed(cfg):  # ... and calls every registered plugin's hooks, listed or not
             return
         unset = [k for k in KERNEL_KEYS if cfg.get(k) is None]
+        self._unset_kernels = tuple(unset)
         for key in unset:
             cfg[key] = False
         if unset:
@@ -83,6 +99,21 @@ class BALoRAPlugin(BasePlugin):
                 f"{[n for n, p in params if p.requires_grad][:4]}...). Please report this with your config."
             )
 
+    def get_training_args_mixin(self) -> str:
+        return "balora_plugins.axolotl.args.BALoRATrainingArgsMixin"
+
+    def get_training_args(self, cfg):
+        if not plugin_listed(cfg):
+            return None
+        if not compat.training_args_accept(list(TRAINING_ARGS)):
+            raise RuntimeError(
+                "BA-LoRA: axolotl's AxolotlTrainingArguments was built before the plugin was registered in this "
+                "process (axolotl.core.training_args imported first), so it has no balora_* fields and the "
+                "settings cannot reach the trainer. Run `axolotl train` in a fresh process, or call "
+                "axolotl.utils.config.prepare_plugins(cfg) before importing axolotl's trainer builder."
+            )
+        return training_args_from_cfg(cfg)
+
     def get_trainer_cls(self, cfg):
         if not plugin_listed(cfg):
             return None
@@ -93,9 +124,21 @@ class BALoRAPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         if not plugin_listed(cfg):
             return
-        if getattr(trainer, "balora", None) is None:
-            trainer._balora_setup(balora_config_from_cfg(cfg))
+        if getattr(trainer, "balora", None) is None:  # axolotl uses the first trainer class a plugin returns
+            raise RuntimeError(
+                f"BA-LoRA: axolotl built a {type(trainer).__name__}, not the plugin's trainer: a plugin listed before "
+                f"{PLUGIN} handed axolotl its own trainer class, so the regularizers would not run. List "
+                f"{PLUGIN} first under `plugins:` or remove the other plugin."
+            )
         self._trainer = trainer
+
+    def on_config_validation_error(self, cfg):
+        # axolotl 0.21 calls this after rejecting a config (0.19 has no such hook: a rejected config ends the run);
+        # undo register()'s kernel keys so the raw config is as the user wrote it.
+        for key in getattr(self, "_unset_kernels", ()):
+            if cfg.get(key) is False:
+                cfg[key] = None
+        self._unset_kernels = ()
 
     def post_train(self, cfg, model):
         # axolotl calls post_train right after trainer.train() and again after its own final save

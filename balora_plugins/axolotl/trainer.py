@@ -1,7 +1,9 @@
 """The trainer the BA-LoRA plugin hands to axolotl: axolotl's own SFT trainer with the shared mixin in front.
 
 Packing, optimizers, schedulers and checkpointing stay axolotl's; :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`
-adds the regularizer, the saved reference and the plain-LoRA export. Metrics go through axolotl's metric
+adds the regularizer, the saved reference and the plain-LoRA export. The trainer reads its settings from
+``self.args`` (the ``balora_*`` fields axolotl mixes into its ``TrainingArguments`` from the plugin's
+``get_training_args_mixin``, filled by ``get_training_args``), and its metrics go through axolotl's one metric
 store (``store_metrics``), so they are reduced and rounded like axolotl's own and reach every ``report_to``.
 """
 
@@ -12,19 +14,31 @@ from typing import Any
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.import_helper import get_cls_from_module_str
 
+from ..core.objective import BALoRAObjective
 from ..trainer_mixin import BALoRATrainerMixin
+from .args import TRAINING_ARGS, balora_config_from_cfg
 
 
 class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
-    """``AxolotlTrainer`` + BA-LoRA. Set up by the plugin's ``post_trainer_create``, or pass ``balora_config=``."""
+    """``AxolotlTrainer`` + BA-LoRA, configured from ``args`` (an ``AxolotlTrainingArguments`` carrying
+    :class:`~balora_plugins.axolotl.args.BALoRATrainingArgsMixin`; unset fields take the preset's values)."""
 
     tag_names = ["axolotl", "ba-lora"]
 
-    def __init__(self, *args: Any, balora_config=None, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.balora = None
-        if balora_config is not None:
-            self._balora_setup(balora_config)
+        missing = [k for k in TRAINING_ARGS if not hasattr(self.args, k)]
+        if missing:
+            raise RuntimeError(
+                f"{type(self).__name__} needs its BA-LoRA settings on its TrainingArguments, but "
+                f"{type(self.args).__name__} has no {missing[0]!r}: list balora_plugins.axolotl.BALoRAPlugin under "
+                "`plugins:` (axolotl then mixes BALoRATrainingArgsMixin into AxolotlTrainingArguments), or build "
+                "the arguments from a dataclass deriving from both."
+            )
+        self.balora = BALoRAObjective(
+            balora_config_from_cfg({k: getattr(self.args, k) for k in TRAINING_ARGS})
+        )
+        self.balora.prepare(self.model)
 
     def _balora_record(self, metrics: dict[str, float], mode: str) -> None:
         prefix = "eval_" if mode == "eval" else ""
@@ -36,14 +50,9 @@ class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
             train_eval=mode,
         )
 
-    def train(self, *args: Any, **kwargs: Any):
-        if self.balora is None:
-            raise RuntimeError(
-                f"{type(self).__name__} was created without BA-LoRA settings: list "
-                "balora_plugins.axolotl.BALoRAPlugin under `plugins:` (its post_trainer_create sets it up) "
-                "or pass balora_config=... to the constructor."
-            )
-        return super().train(*args, **kwargs)
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # axolotl's store is the only one: skip the mixin's own store (for hosts without one) in the MRO.
+        return super(BALoRATrainerMixin, self).log(logs, *args, **kwargs)
 
 
 def trainer_class(cfg) -> type[AxolotlTrainer]:
