@@ -156,10 +156,6 @@ def test_a_misspelled_key_fails_with_a_suggestion():
         ({"adapter": None, "peft_init_lora_weights": None}, "adapter=None: BA-LoRA needs `adapter: lora`"),
         ({"adapter": "llama-adapter"}, "adapter=.llama-adapter.: BA-LoRA needs"),
         ({"kd_trainer": True}, r"kd_trainer=True: axolotl's knowledge-distillation plugin .* separate runs"),
-        (
-            {"lora_target_parameters": ["experts.gate_up_proj"]},
-            r"lora_target_parameters=.* \(axolotl 0.21\+\)",
-        ),
         ({"nf4_backend": "torchao"}, r"nf4_backend='torchao' \(axolotl 0.21\+\): .* bitsandbytes"),
         ({"relora": True, "jagged_restart_steps": 10}, "relora=True: ReLoRA merges"),
         ({"lora_mlp_kernel": True}, r"lora_mlp_kernel=True: axolotl's fused .* `lora_mlp_kernel: false`"),

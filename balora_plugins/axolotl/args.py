@@ -3,8 +3,9 @@
 Every :class:`~balora_plugins.config.BALoRAConfig` field ``x`` (except ``task``: axolotl trains causal LMs) is
 the key ``balora_x``, with the field's type, help text and allowed values; ``balora_preset`` picks the preset
 the other keys override. An unset key takes the preset's value. The after-validator builds the
-``BALoRAConfig`` (so its own validation runs at config time, with the YAML key in the message); the
-before-validator refuses axolotl settings BA-LoRA cannot train correctly.
+``BALoRAConfig`` (so its own validation runs at config time, with the YAML key in the message); one
+before-validator per rule refuses an axolotl setting BA-LoRA cannot train correctly. The same keys reach the
+trainer as fields of :data:`BALoRATrainingArgsMixin`, which axolotl mixes into its ``TrainingArguments``.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ warning (untested); older ones are refused at config validation.
 | Plugins installed through the ``axolotl.plugins`` entry-point group | not loaded | registered for every config | every hook first checks that the config lists the plugin |
 | ``on_config_validation_error`` hook | absent (a rejected config ends the run) | called after a rejected config | undoes ``register``'s kernel keys (a no-op on 0.19) |
 | ``get_training_args_mixin`` / ``get_training_args`` | present | present | the trainer reads its settings from ``self.args`` on both (no fallback needed) |
-| ``lora_target_parameters`` (LoRA on fused expert parameters) | absent | present | refused: BA-LoRA's snapshot copies ``lora_A``/``lora_B`` of ``Linear`` layers only |
-| ``nf4_backend: torchao`` (QLoRA weights as torchao ``NF4Tensor``) | absent | present | refused: only the bitsandbytes NF4 path is tested |
+| ``nf4_backend: torchao`` (QLoRA weights as torchao ``NF4Tensor``) | absent | present | refused at validation, naming 0.21 (see ``UNSUPPORTED_VALUES``) |
+| ``axolotl.core.trainers.mamba`` | present | removed | (tests use their own ``AxolotlTrainer`` subclass) |
 
 Model-level differences (transformers 5.16 vs 5.20 on resume) live in the shared trainer mixin.
 """
@@ -27,12 +27,10 @@ from packaging.version import Version
 
 MINIMUM = (0, 19)
 TESTED = {(0, 19): "3.11", (0, 21): "3.12"}  # release -> the Python it is tested on
-INSTALL = {
-    (0, 19): 'pip install "balora-plugins[axolotl]" "axolotl==0.19.0"  # Python 3.11',
-    (
-        0,
-        21,
-    ): 'pip install "torch==2.14.1" && pip install "balora-plugins[axolotl]" "axolotl==0.21.0"  # Python >= 3.12',
+_PLUGIN = '"balora-plugins[axolotl]"'
+INSTALL = {  # what the READMEs give per release
+    (0, 19): f'pip install {_PLUGIN} "axolotl==0.19.0"  # Python 3.11',
+    (0, 21): f'pip install "torch==2.14.1" && pip install {_PLUGIN} "axolotl==0.21.0"  # Python >= 3.12',
 }
 
 
@@ -59,20 +57,14 @@ def check_release(release: tuple[int, int] = RELEASE, version: str = AXOLOTL_VER
     return None
 
 
-# Keys a release offers that BA-LoRA does not support: key -> (first release with the key, the reason).
-UNSUPPORTED_KEYS: dict[str, tuple[tuple[int, int], str]] = {
-    "lora_target_parameters": (
-        (0, 21),
-        "LoRA on fused expert parameters (PEFT's ParamWrapper) is not tested with BA-LoRA's reference snapshot "
-        "and export; remove `lora_target_parameters` and target modules with `lora_target_modules`",
-    ),
-}
+# Settings a release offers that BA-LoRA does not support: key -> (value, first release with it, the reason).
 UNSUPPORTED_VALUES: dict[str, tuple[Any, tuple[int, int], str]] = {
     "nf4_backend": (
         "torchao",
         (0, 21),
-        "QLoRA with BA-LoRA is tested on the bitsandbytes NF4 weights only; set `nf4_backend: bitsandbytes` "
-        "(the default)",
+        "BA-LoRA's checks for quantised bases know bitsandbytes' quantised layers, not torchao's NF4Tensor "
+        "weights inside plain Linear layers, and QLoRA with BA-LoRA is tested on bitsandbytes only; set "
+        "`nf4_backend: bitsandbytes` (the default)",
     ),
 }
 
@@ -80,9 +72,6 @@ UNSUPPORTED_VALUES: dict[str, tuple[Any, tuple[int, int], str]] = {
 def unsupported_release_settings(data: Mapping[str, Any]) -> list[str]:
     """Messages for the settings in ``data`` that BA-LoRA does not support, each naming the release."""
     problems = []
-    for key, (since, reason) in UNSUPPORTED_KEYS.items():
-        if data.get(key):
-            problems.append(f"{key}={data[key]!r} (axolotl {release_name(since)}+): {reason}")
     for key, (value, since, reason) in UNSUPPORTED_VALUES.items():
         if data.get(key) == value:
             problems.append(f"{key}={value!r} (axolotl {release_name(since)}+): {reason}")
