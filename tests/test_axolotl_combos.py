@@ -7,7 +7,6 @@ The compatibility table in balora_plugins/axolotl/README.md lists each combinati
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -18,11 +17,9 @@ import torch
 pytestmark = pytest.mark.axolotl
 pytest.importorskip("axolotl")
 
-from axolotl.cli.config import gpu_capabilities  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
-from axolotl.utils.config import prepare_plugins, validate_config  # noqa: E402
-from axolotl.utils.dict import DictDefault  # noqa: E402
 from conftest import batch, lora, tiny_llama  # noqa: E402
+from test_axolotl import validate  # noqa: E402  (the tiny config through axolotl's validation)
 
 from balora_plugins.axolotl.args import PLUGIN, balora_config_from_cfg  # noqa: E402
 from balora_plugins.config import BALoRAConfig  # noqa: E402
@@ -30,21 +27,6 @@ from balora_plugins.config import BALoRAConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 LIGER = "axolotl.integrations.liger.LigerPlugin"
 CCE = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
-BASE = {
-    "base_model": "./tiny-llama",
-    "datasets": [{"path": "./data/train.jsonl", "ds_type": "json", "type": "alpaca"}],
-    "sequence_len": 64,
-    "adapter": "lora",
-    "peft_init_lora_weights": "pissa",
-    "lora_r": 4,
-    "lora_alpha": 4,
-    "lora_target_modules": ["q_proj", "v_proj"],
-    "micro_batch_size": 2,
-    "gradient_accumulation_steps": 1,
-    "num_epochs": 1,
-    "learning_rate": 0.001,
-    "output_dir": "./out",
-}
 
 
 def run_tiny(workdir: Path, *overrides: str, hidden: int = 32) -> dict:
@@ -113,12 +95,6 @@ def test_qlora_with_plain_init_end_to_end(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- second plugin
-def _validate(**overrides):
-    cfg = DictDefault({**copy.deepcopy(BASE), **overrides})
-    prepare_plugins(cfg)
-    return validate_config(cfg, *gpu_capabilities())
-
-
 @pytest.mark.parametrize(
     "plugins, keys",
     [
@@ -135,7 +111,7 @@ def test_liger_and_cut_cross_entropy_compose_at_validation_and_leave_the_trainer
     keys sets validate beside the balora_* keys, and BA-LoRA's trainer is the one axolotl builds."""
     from balora_plugins.axolotl.trainer import AxolotlBALoRATrainer
 
-    cfg = _validate(plugins=plugins, balora_lambda_svd=0.01, **keys)
+    cfg = validate(plugins=plugins, balora_lambda_svd=0.01, **keys)
     assert all(cfg[k] == v for k, v in keys.items())
     assert balora_config_from_cfg(cfg).lambda_svd == 0.01
     assert issubclass(PluginManager.get_instance().get_trainer_cls(cfg), AxolotlBALoRATrainer)

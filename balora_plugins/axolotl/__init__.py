@@ -57,7 +57,6 @@ class BALoRAPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._trainer = None
-        self._unset_kernels: tuple[str, ...] = ()
 
     def get_input_args(self) -> str:
         return "balora_plugins.axolotl.args.BALoRAArgs"
@@ -67,7 +66,6 @@ class BALoRAPlugin(BasePlugin):
         if not plugin_listed(cfg):  # ... and calls every registered plugin's hooks, listed or not
             return
         unset = [k for k in KERNEL_KEYS if cfg.get(k) is None]
-        self._unset_kernels = tuple(unset)
         for key in unset:
             cfg[key] = False
         if unset:
@@ -131,14 +129,6 @@ class BALoRAPlugin(BasePlugin):
                 f"{PLUGIN} first under `plugins:` or remove the other plugin."
             )
         self._trainer = trainer
-
-    def on_config_validation_error(self, cfg):
-        # axolotl 0.21 calls this after rejecting a config (0.19 has no such hook: a rejected config ends the run);
-        # undo register()'s kernel keys so the raw config is as the user wrote it.
-        for key in getattr(self, "_unset_kernels", ()):
-            if cfg.get(key) is False:
-                cfg[key] = None
-        self._unset_kernels = ()
 
     def post_train(self, cfg, model):
         # axolotl calls post_train right after trainer.train() and again after its own final save

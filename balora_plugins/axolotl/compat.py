@@ -9,7 +9,7 @@ warning (untested); older ones are refused at config validation.
 |---|---|---|---|
 | A listed plugin that fails to import | logged (``ImportError`` only), the run trains WITHOUT it | raised (listed plugins register with ``required=True``) | ``__init__`` turns the failure into a ``RuntimeError``: fatal on both |
 | Plugins installed through the ``axolotl.plugins`` entry-point group | not loaded | registered for every config | every hook first checks that the config lists the plugin |
-| ``on_config_validation_error`` hook | absent (a rejected config ends the run) | called after a rejected config | undoes ``register``'s kernel keys (a no-op on 0.19) |
+| ``on_config_validation_error`` hook (undo ``register`` side effects) | absent | called after a rejected config | not implemented: ``register`` only writes the kernel keys of the config being validated |
 | ``get_training_args_mixin`` / ``get_training_args`` | present | present | the trainer reads its settings from ``self.args`` on both (no fallback needed) |
 | ``nf4_backend: torchao`` (QLoRA weights as torchao ``NF4Tensor``) | absent | present | refused at validation, naming 0.21 (see ``UNSUPPORTED_VALUES``) |
 | ``axolotl.core.trainers.mamba`` | present | removed | (tests use their own ``AxolotlTrainer`` subclass) |
