@@ -28,7 +28,7 @@ from ..config import (
     SVD_NORMS,
     BALoRAConfig,
 )
-from ..core.reference import RESIDUAL_INITS
+from ..core.reference import init_is_approximate, init_rewrites_base
 from . import compat
 
 PLUGIN = "balora_plugins.axolotl.BALoRAPlugin"
@@ -160,7 +160,7 @@ def no_residual_init_on_quantised_base(data: Mapping[str, Any]) -> None:
     if data.get("adapter") == "qlora" and "load_in_4bit" not in quantised:
         quantised.append("adapter='qlora'")
     init = data.get("peft_init_lora_weights")
-    if quantised and isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+    if quantised and init_rewrites_base(init) and not init_is_approximate(init):  # LoftQ: its own recipe
         raise ValueError(
             f"peft_init_lora_weights={init!r} with {', '.join(f'{k}=True' if k.startswith('load') else k for k in quantised)}: "
             "PiSSA on a quantised base (QPiSSA) needs the SVD of the full-precision weights and a re-quantised "
