@@ -68,8 +68,11 @@ def test_pissa_with_multipack_dora_lora_kernels_and_gradient_checkpointing_end_t
     # each setting was live in the run, not silently dropped
     assert "multipack" in log and "Patched attention class with LoRA optims" in log
     assert "LoRA kernels: DoRA enabled" in log and '"gradient_checkpointing": true' in log
-    saved = json.loads((tmp_path / "outputs" / "tiny-balora" / "adapter_config.json").read_text())
-    assert saved["use_dora"] is True and saved["init_lora_weights"] == "pissa"
+    out = tmp_path / "outputs" / "tiny-balora"
+    trained = json.loads((out / "balora_resume" / "adapter_config.json").read_text())
+    assert trained["use_dora"] is True and trained["init_lora_weights"] == "pissa"
+    served = json.loads((out / "adapter_config.json").read_text())  # the root: DoRA as plain-init LoRA
+    assert served["use_dora"] is True and served["init_lora_weights"] is True
 
 
 @pytest.mark.slow
@@ -86,7 +89,7 @@ def test_qlora_with_plain_init_end_to_end(tmp_path):
     )
     assert result["steps"] == 4 and "served_max_abs_err" not in result  # plain init: the root is the adapter
     out = tmp_path / "outputs" / "tiny-balora"
-    assert not (out / "plain_lora").exists()  # plain init: the adapter already serves on the base
+    assert not (out / "balora_resume").exists()  # plain init: the adapter already serves on the base
     assert json.loads((out / "balora_config.json").read_text())["reference"] == "auto"
     from safetensors.torch import load_file
 
