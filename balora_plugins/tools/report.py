@@ -589,8 +589,8 @@ def cost_line(results: dict[str, Any]) -> str:
     text = f"wall time {t['total']:.0f} s"
     if m:
         text += (
-            f", {m['cpu_seconds']:.0f} CPU-seconds (this process, all threads; {m['torch_threads']} torch threads "
-            f"on {m['cpu_count']} CPUs"
+            f", {m['cpu_seconds']:.0f} CPU-seconds (this process, all threads; {m['torch_threads']} torch "
+            f"thread{'s' if m['torch_threads'] != 1 else ''} on {m['cpu_count']} CPUs"
         )
         if m.get("load_average_start") is not None:
             text += f", load average {m['load_average_start']:g} at start / {m['load_average_end']:g} at end"

@@ -80,6 +80,48 @@ class Initialiser:
         return copy.deepcopy(self.ready[method.init])
 
 
+def run_seeds(
+    s: DemoSettings,
+    base,
+    seed_data: Callable[[int], Any],
+    make_trainer: Callable[[Method, Any, str, int, Any], tuple[Any, Callable[[str], None] | None]],
+    evaluate: Callable[[Any, str, Any], dict[str, Any]],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train and evaluate every method on every seed — the loop both tasks share.
+
+    ``seed_data(seed)`` builds what the seed's runs share (training set, flipped labels, ...);
+    ``make_trainer(method, model, run_dir, seed, data)`` returns the host trainer and its save function (None:
+    ``trainer.save_model``); ``evaluate(model, name, data)`` returns ``{"metrics", "spectrum"[, "samples"]}``.
+    Every method of a seed gets the same initialisation (:class:`Initialiser`) and the same data order (the
+    seed is the trainer's ``seed`` and ``data_seed``). Returns ``runs`` (one :func:`run_record` per seed and
+    method, in order), the first seed's ``spectra`` and ``samples``, and ``timings``.
+    """
+    runs, spectra, samples, timings = [], {}, {}, {}
+    for seed in s.seed:
+        data = seed_data(seed)
+        initialiser = Initialiser(base, s.method_objects, s, seed)
+        for method in s.method_objects:
+            run_dir = os.path.join(s.out, f"seed{seed}", method.name)
+            name = run_label(method, seed)
+            t0 = time.perf_counter()
+            with quiet():
+                trainer, save = make_trainer(method, initialiser.model(method), run_dir, seed, data)
+                info = train(trainer, method, run_dir, f"train {name}", seed == s.seed[0], save)
+                e0, c0 = time.perf_counter(), time.process_time()
+                result = evaluate(trainer.model, name, data)
+                info.update(eval_seconds=time.perf_counter() - e0, eval_cpu_seconds=time.process_time() - c0)
+            result["metrics"].update(info)
+            runs.append(run_record(seed, method, result["metrics"], run_dir, s.out))
+            if seed == s.seed[0]:
+                spectra[method.name] = result["spectrum"]
+                samples[method.name] = result.get("samples", [])
+            timings[f"seed{seed}/{method.name}"] = time.perf_counter() - t0
+            log(progress_line(seed, method, result["metrics"]))
+            del trainer, result
+    return {"runs": runs, "spectra": spectra, "samples": samples, "timings": timings}
+
+
 def method_config(cfg, method: Method):
     """``cfg`` with the weight of every term ``method`` switches off set to 0 (an ablation); None: no BA-LoRA."""
     if not method.regularized:

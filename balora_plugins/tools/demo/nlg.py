@@ -29,19 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import (
-    Initialiser,
-    common_args,
-    method_config,
-    pad,
-    progress_line,
-    quiet,
-    run_label,
-    run_record,
-    spectrum,
-    tqdm,
-    train,
-)
+from .common import common_args, method_config, pad, preset_config, quiet, run_seeds, spectrum, tqdm
 from .settings import BASE_DIR, DemoSettings, DemoUsageError, prepare_out
 
 SYSTEM_PROMPT = "Solve the math word problem step by step. End with a line '#### <number>'."
@@ -299,8 +287,6 @@ def run_nlg(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
     from balora_plugins.tools import assets
     from balora_plugins.trl import BALoRASFTTrainer
 
-    from .common import preset_config
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dataset = assets.gsm_symbolic(candidates(s), s.data_seed)
@@ -343,51 +329,36 @@ def run_nlg(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
         base_eval["metrics"]["news_kl"] = 0.0
     timings["eval_base"] = time.perf_counter() - t0
 
-    runs, spectra, samples = [], {"base": base_eval.pop("spectrum")}, {"base": base_eval.pop("samples", [])}
-    for seed in s.seed:
+    def seed_data(seed: int):
         sample = training_sample(pool, s.train_size, seed)
-        train_ds = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in sample])
-        initialiser = Initialiser(base, s.method_objects, s, seed)
-        for method in s.method_objects:
-            run_dir = os.path.join(s.out, f"seed{seed}", method.name)
-            t0 = time.perf_counter()
-            with quiet():
-                # every method of the seed: the same initialisation and the same data order
-                model = initialiser.model(method)
-                args = SFTConfig(
-                    **common_args(s, run_dir, seed),
-                    max_length=s.max_length,
-                    completion_only_loss=True,
-                    packing=False,
-                    dataset_num_proc=None,
-                )
-                common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok)
-                mcfg = method_config(cfg, method)
-                trainer = (
-                    BALoRASFTTrainer(**common, balora_config=mcfg)
-                    if mcfg is not None
-                    else SFTTrainer(**common)
-                )
-                info = train(trainer, method, run_dir, f"train {run_label(method, seed)}", seed == s.seed[0])
-                e0, c0 = time.perf_counter(), time.process_time()
-                result = evaluate_nlg(trainer.model, ev, s, cfg, name=run_label(method, seed))
-                info.update(eval_seconds=time.perf_counter() - e0, eval_cpu_seconds=time.process_time() - c0)
-            result["metrics"].update(info)
-            runs.append(run_record(seed, method, result["metrics"], run_dir, s.out))
-            if seed == s.seed[0]:
-                spectra[method.name] = result["spectrum"]
-                samples[method.name] = result.get("samples", [])
-            timings[f"seed{seed}/{method.name}"] = time.perf_counter() - t0
-            log(progress_line(seed, method, result["metrics"]))
-            del trainer, model, result
+        return Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in sample])
+
+    def make_trainer(method, model, run_dir, seed, train_ds):
+        args = SFTConfig(
+            **common_args(s, run_dir, seed),
+            max_length=s.max_length,
+            completion_only_loss=True,
+            packing=False,
+            dataset_num_proc=None,
+        )
+        common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok)
+        mcfg = method_config(cfg, method)
+        if mcfg is None:
+            return SFTTrainer(**common), None
+        return BALoRASFTTrainer(**common, balora_config=mcfg), None
+
+    def evaluate(model, name, _):
+        return evaluate_nlg(model, ev, s, cfg, name=name)
+
+    done = run_seeds(s, base, seed_data, make_trainer, evaluate, log)
     return {
         "model": model_name,
         "base_path": base_path,
         "base": base_eval,
-        "runs": runs,
-        "spectra": spectra,
-        "samples": samples,
-        "timings": timings,
+        "runs": done["runs"],
+        "spectra": {"base": base_eval.pop("spectrum"), **done["spectra"]},
+        "samples": {"base": base_eval.pop("samples", []), **done["samples"]},
+        "timings": {**timings, **done["timings"]},
         "balora_config": cfg.to_dict(),
         "data": {
             "dataset": "reasoning-gym gsm_symbolic",

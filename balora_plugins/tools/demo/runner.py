@@ -39,7 +39,8 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         "load_average_start": load_average(),
     }
     if s.device == "cpu":
-        log(f"Running on CPU with {machine['torch_threads']} threads.")
+        n = machine["torch_threads"]
+        log(f"Running on CPU with {n} torch thread{'s' if n != 1 else ''}.")
     t_start, cpu_start = time.perf_counter(), time.process_time()
     body = (run_nlg if s.task == "nlg" else run_nlu)(s, log)
     results: dict[str, Any] = {"task": s.task, "settings": asdict(s), **body}
@@ -67,10 +68,13 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         + (f" ± half-width of the 95 % {s.interval} interval" if n > 1 else " (one seed: no interval)")
     )
     log(results_table(results))
-    log("")
-    log("Paired differences over seeds (a method is named better only when the 95 % interval excludes 0):")
-    for line in lines:
-        log("  " + line)
+    if lines:
+        log("")
+        log(
+            "Paired differences over seeds (a method is named better only when the 95 % interval excludes 0):"
+        )
+        for line in lines:
+            log("  " + line)
     log("")
     log(report.cost_line(results))
     log(f"Report: {os.path.join(s.out, SUMMARY)} ({len(plots)} plots).")
