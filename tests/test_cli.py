@@ -177,6 +177,7 @@ def test_demo_tiny_writes_report(nlg_demo):
         "| BA-LoRA |",
         "| base |",
         "![metrics](metrics.png)",
+        "![differences](differences.png)",
         "![loss](loss.png)",
         "![spectrum](spectrum.png)",
         "answer NLL: BA-LoRA − PiSSA",
@@ -184,7 +185,7 @@ def test_demo_tiny_writes_report(nlg_demo):
         "CPU-seconds",
     ):
         assert text in summary, text
-    for name in ("metrics.png", "loss.png", "regularizers.png", "spectrum.png"):
+    for name in ("metrics.png", "differences.png", "loss.png", "regularizers.png", "spectrum.png"):
         assert _is_png(out / name), name
     for seed in (0, 1):
         with open(out / f"seed{seed}" / "balora" / "trainer_state.json") as f:
@@ -271,9 +272,8 @@ def test_report_rerenders_demo_dir(nlg_demo, capsys):
     code, stdout, _ = _run_cli(["report", str(out)], capsys)
     assert code == 0
     rep = out / "balora_report"
-    assert {"report.md", "metrics.png", "loss.png", "regularizers.png", "spectrum.png"} <= set(
-        os.listdir(rep)
-    )
+    plots = {"metrics.png", "differences.png", "loss.png", "regularizers.png", "spectrum.png"}
+    assert {"report.md", *plots} <= set(os.listdir(rep))
     text = (rep / "report.md").read_text()
     assert "| pissa/seed0 |" in text and "| balora/seed1 |" in text and "report.md" in stdout
 
@@ -300,7 +300,7 @@ def test_demo_nlu_tiny_label_noise_ablation_and_overwrite(tmp_path, capsys):
         and "| BA-LoRA |" in (out / "summary.md").read_text()
     )
     assert "noisy-label fit: BA-LoRA − BA-LoRA w/o svd" in stdout
-    for name in ("metrics.png", "loss.png", "regularizers.png", "spectrum.png"):
+    for name in ("metrics.png", "differences.png", "loss.png", "regularizers.png", "spectrum.png"):
         assert _is_png(out / name), name
     # the preset's svd_top_k=5 is a no-op with 5 classes: the demo says so and uses 4
     assert results["balora_config"]["svd_top_k"] == 4 and "svd_top_k=5 >= 5 classes" in stdout

@@ -24,6 +24,7 @@ from typing import Any
 
 PLOTS = {
     "metrics": "metrics.png",
+    "differences": "differences.png",
     "loss": "loss.png",
     "regularizers": "regularizers.png",
     "spectrum": "spectrum.png",
@@ -306,7 +307,42 @@ def plot_metrics(results: dict[str, Any], path: str) -> bool:
         ax.set_visible(False)
     n = len(results.get("settings", {}).get("seed") or []) or len({r["seed"] for r in runs})
     fig.suptitle(f"Held-out metrics per seed (points) and mean with 95 % interval (bars), {n} seeds")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.05)  # long tick labels of the first column
+    return True
+
+
+def plot_differences(results: dict[str, Any], path: str) -> bool:
+    """One panel per compared pair (rows) and metric (columns) of a demo: each seed's paired difference
+    (method − baseline) as a point, the mean with its 95 % interval as a bar, and the zero line (each panel on
+    its own scale: the BA-LoRA − PiSSA differences are far smaller than BA-LoRA − LoRA's). False when there
+    is nothing to compare (one method or one seed)."""
+    from balora_plugins.tools.demo.stats import interval, paired_differences
+    from balora_plugins.tools.demo.tables import comparison_pairs, metrics_of, per_seed
+
+    runs = results.get("runs") or []
+    pairs = comparison_pairs(list(dict.fromkeys(r["method"] for r in runs)))
+    metrics = [m for m in metrics_of(results["task"], runs) if m.headline]
+    if not pairs or not metrics or len({r["seed"] for r in runs}) < 2:
+        return False
+    kind = results.get("settings", {}).get("interval", "t")
+    fig, axes = _figure(len(metrics), nrows=len(pairs), width=3.3, height=2.4)
+    for row, (a, b) in enumerate(pairs):
+        for col, metric in enumerate(metrics):
+            ax = axes[row * len(metrics) + col]
+            values = per_seed(runs, metric.key)
+            diffs = paired_differences(values[a], values[b])
+            ax.scatter(range(len(diffs)), diffs, s=16, color=f"C{row}", alpha=0.7)
+            iv = interval(diffs, kind)
+            if iv.defined:
+                yerr = [[iv.mean - iv.low], [iv.high - iv.mean]]
+                ax.errorbar([len(diffs)], [iv.mean], yerr=yerr, fmt="o", color=f"C{row}", capsize=4, ms=5)
+            ax.axhline(0.0, color="k", lw=0.8)
+            ax.set_xticks(range(len(diffs) + 1), [*(str(sd) for sd in sorted(values[a])), "mean"])
+            better = {True: ", < 0 better", False: ", > 0 better", None: ""}[metric.lower_is_better]
+            ax.set_title(f"{metric.label}: {_label(a)} − {_label(b)}{better}", fontsize="small")
+            ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Paired differences per seed (x: seed) and their mean with 95 % interval")
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.05)
     return True
 
 
@@ -328,6 +364,8 @@ def render_run_dir(run_dir: str, out_dir: str, results: dict[str, Any] | None = 
     targets = {k: os.path.join(out_dir, v) for k, v in PLOTS.items()}
     if results is not None and plot_metrics(results, targets["metrics"]):
         written["metrics"] = targets["metrics"]
+    if results is not None and plot_differences(results, targets["differences"]):
+        written["differences"] = targets["differences"]
     if plot_losses(histories, targets["loss"], title=title):
         written["loss"] = targets["loss"]
     if plot_regularizers(histories, targets["regularizers"]):
@@ -442,6 +480,8 @@ def write_summary(path: str, results: dict[str, Any], table: str, verdict: Seque
     ]
     captions = {
         "metrics": "Held-out metrics: every seed (points), the mean and its 95 % interval (bars)",
+        "differences": "Paired differences (same seed) of the compared methods: every seed (points), the mean "
+        "and its 95 % interval (bars); a bar that crosses the zero line is not significant",
         "loss": "Training loss per step, one line per seed (for BA-LoRA: the task loss plus the weighted "
         "regularizers)",
         "regularizers": "BA-LoRA terms per step (unweighted) and the weighted total, one line per seed",
@@ -533,7 +573,9 @@ def _interval_text(kind: str, n: int) -> str:
         f"Each line is the mean over {n} seeds of the per-seed difference (method − baseline, same seed) with its "
         f"95 % {how}. A method is named better only when the interval excludes 0; otherwise the difference is "
         "*not significant at this size*. The interval covers the variation between seeds (training sample, order, "
-        "initialisation), not the sampling error of the fixed held-out set."
+        "initialisation), not the sampling error of the fixed held-out set. BA-LoRA − PiSSA isolates the "
+        "regularizers (same initialisation); BA-LoRA − LoRA also contains PiSSA's initialisation, and a method that "
+        "has learned less has also drifted less — read the forgetting columns beside the task's."
     )
 
 

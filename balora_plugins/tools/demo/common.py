@@ -83,6 +83,8 @@ class Initialiser:
 def run_seeds(
     s: DemoSettings,
     base,
+    base_eval: dict[str, Any],
+    timings: dict[str, float],
     seed_data: Callable[[int], Any],
     make_trainer: Callable[[Method, Any, str, int, Any], tuple[Any, Callable[[str], None] | None]],
     evaluate: Callable[[Any, str, Any], dict[str, Any]],
@@ -94,10 +96,15 @@ def run_seeds(
     ``make_trainer(method, model, run_dir, seed, data)`` returns the host trainer and its save function (None:
     ``trainer.save_model``); ``evaluate(model, name, data)`` returns ``{"metrics", "spectrum"[, "samples"]}``.
     Every method of a seed gets the same initialisation (:class:`Initialiser`) and the same data order (the
-    seed is the trainer's ``seed`` and ``data_seed``). Returns ``runs`` (one :func:`run_record` per seed and
-    method, in order), the first seed's ``spectra`` and ``samples``, and ``timings``.
+    seed is the trainer's ``seed`` and ``data_seed``). ``base_eval`` is the base model's evaluation (its
+    spectrum and samples move beside the tuned models'); ``timings`` gains one entry per run.
+
+    Returns the results' ``base``, ``runs`` (one :func:`run_record` per seed and method, in order), the base's
+    and the first seed's ``spectra`` and ``samples``, and ``timings``.
     """
-    runs, spectra, samples, timings = [], {}, {}, {}
+    runs: list[dict[str, Any]] = []
+    spectra = {"base": base_eval.pop("spectrum")}
+    samples = {"base": base_eval.pop("samples", [])}
     for seed in s.seed:
         data = seed_data(seed)
         initialiser = Initialiser(base, s.method_objects, s, seed)
@@ -119,7 +126,7 @@ def run_seeds(
             timings[f"seed{seed}/{method.name}"] = time.perf_counter() - t0
             log(progress_line(seed, method, result["metrics"]))
             del trainer, result
-    return {"runs": runs, "spectra": spectra, "samples": samples, "timings": timings}
+    return {"base": base_eval, "runs": runs, "spectra": spectra, "samples": samples, "timings": timings}
 
 
 def method_config(cfg, method: Method):

