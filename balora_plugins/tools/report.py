@@ -550,7 +550,8 @@ def _columns_text(task: str, results: dict[str, Any]) -> str:
             "(the base row is the value before tuning), measured where no term of the objective looks; *exact "
             "match* (with `--generate`) = share of greedy answers the dataset's scorer gives 1.0; *top-k σ share* = "
             f"{ratio} of the answer positions' logits (what the SVD term raises), exact via the output head's Gram "
-            "factor; *s/step* = mean wall seconds per optimizer step. Lower NLL and lower KL are better."
+            "factor; *s/step* / *CPU-s/step* = mean wall / CPU seconds (this process, all threads) per optimizer step. "
+            "Lower NLL and lower KL are better."
         )
     return (
         "Columns: *accuracy* and *macro-F1* of the argmax class on clean held-out labels; *eval NLL* = mean "

@@ -29,6 +29,13 @@ class Metric:
     interval: bool = True  # timings get a mean only
 
 
+# wall seconds per step, and this process's CPU seconds per step (all threads). With one torch thread the CPU
+# seconds are the work itself whatever else runs on the machine; with several, idle threads spin-waiting for a
+# descheduled one add to them on a busy machine.
+TIMING = (
+    Metric("seconds_per_step", "s/step", 2, None, interval=False),
+    Metric("cpu_seconds_per_step", "CPU-s/step", 2, None, interval=False),
+)
 METRICS: dict[str, list[Metric]] = {
     "nlg": [
         Metric("answer_nll", "answer NLL", 4, True, headline=True),
@@ -37,7 +44,7 @@ METRICS: dict[str, list[Metric]] = {
         Metric("news_kl", "news KL", 4, True, headline=True),
         Metric("exact_match", "exact match", 3, False, headline=True),
         Metric("svd_top_share", "top-k σ share", 4, None),
-        Metric("seconds_per_step", "s/step", 2, None, interval=False),
+        *TIMING,
     ],
     "nlu": [
         Metric("accuracy", "accuracy", 3, False, headline=True),
@@ -45,7 +52,7 @@ METRICS: dict[str, list[Metric]] = {
         Metric("eval_nll", "eval NLL", 4, True, headline=True),
         Metric("noisy_fit", "noisy-label fit", 3, True, headline=True),
         Metric("svd_top_share", "top-k σ share", 4, None),
-        Metric("seconds_per_step", "s/step", 2, None, interval=False),
+        *TIMING,
     ],
 }
 
@@ -119,7 +126,7 @@ def results_table(results: Mapping[str, Any], markdown: bool = False) -> str:
     (bootstrap); aligned text or markdown."""
     task = results["task"]
     metrics = metrics_of(task, results["runs"])
-    summary = _intervals(results)
+    summary = summarise(results["runs"], task, results.get("settings", {}).get("interval", "t"))
     header = ["model"] + [m.label for m in metrics]
     base = results.get("base", {}).get("metrics", {})
     rows = [["base"] + [_cell(None, base.get(m.key) if m.interval else None, m) for m in metrics]]
@@ -134,14 +141,6 @@ def results_table(results: Mapping[str, Any], markdown: bool = False) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return "\n".join([fmt_row(header), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in rows])
-
-
-def _intervals(results: Mapping[str, Any]) -> dict[str, dict[str, Interval]]:
-    """The per-method intervals stored in ``results["summary"]`` (or computed from the runs)."""
-    stored = results.get("summary")
-    if stored:
-        return {m: {k: Interval(**v) for k, v in cols.items()} for m, cols in stored.items()}
-    return summarise(results["runs"], results["task"], results.get("settings", {}).get("interval", "t"))
 
 
 def verdict(results: Mapping[str, Any]) -> list[str]:
