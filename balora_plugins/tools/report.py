@@ -556,7 +556,8 @@ def _columns_text(task: str, results: dict[str, Any]) -> str:
     return (
         "Columns: *accuracy* and *macro-F1* of the argmax class on clean held-out labels; *eval NLL* = mean "
         "cross-entropy; *noisy-label fit* (with `--label-noise`) = share of the flipped training articles the tuned "
-        "model assigns to their wrong, flipped label — memorised noise, lower is better; *top-k σ share* = "
+        "model assigns to their wrong, flipped label — memorised noise, lower is better (a model that ignores "
+        "the training labels scores about 1/classes, one that memorised them 1); *top-k σ share* = "
         f"{ratio} of the (N, classes) held-out logits. The base row uses the new, untrained classification head "
         "(chance level)."
     )
