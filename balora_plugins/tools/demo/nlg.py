@@ -23,11 +23,12 @@ import contextlib
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from balora_plugins.tools.assets import extract_answer  # one answer reader for the demo and the recipes
 
 from .common import common_args, method_config, pad, preset_config, quiet, run_seeds, spectrum, tqdm
 from .settings import BASE_DIR, DemoSettings, DemoUsageError, prepare_out
@@ -129,14 +130,6 @@ def news_examples(tok, s: DemoSettings) -> list[TokenExample]:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def extract_answer(text: str) -> str | None:
-    """The final answer of a solution: the first number after the last ``####``, else the last number in it."""
-    number = r"-?\d[\d,]*(?:\.\d+)?"
-    after = re.findall(number, text.rsplit("####", 1)[1]) if "####" in text else []
-    found = after[:1] or re.findall(number, text)[-1:]
-    return found[0].replace(",", "") if found else None
-
-
 def hidden_rows(model, examples: Sequence[TokenExample], batch_size: int, device: str, desc: str):
     """Final hidden states (M, d) at the positions whose next token is labelled, and those tokens (M,)."""
     import torch
