@@ -1,6 +1,7 @@
-"""Training pieces both demo tasks share: the adapter and BA-LoRA configurations of a method, the host
-trainer's arguments, a progress bar, quiet hosts, and one training call that saves what ``balora report`` and
-``balora export`` read."""
+"""Pieces both demo tasks share: a method's adapter and BA-LoRA configurations, each seed's initialisations
+(computed once), the host trainer's arguments, a progress bar, quiet hosts, the training call (which saves what
+``balora report`` and ``balora export`` read), the loop over seeds and methods, the logits' spectrum and the
+run records of ``results.json``."""
 
 from __future__ import annotations
 
