@@ -99,7 +99,8 @@ def tests_axolotl_021(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: `balora demo` (PiSSA vs BA-LoRA on the bundled SmolLM2 + GSM-style data); args after `--`."""
+    """The main job: `balora demo` (3 seeds x LoRA / PiSSA / BA-LoRA on the bundled SmolLM2 + GSM-style data, with
+    intervals and forgetting); args after `--`, e.g. `nox -s demo -- --task nlu --label-noise 0.3`."""
     _install(session, TORCH, "-e", ".[trl,demo]")
     session.run("balora", "demo", *session.posargs, env={**ENV, "TOKENIZERS_PARALLELISM": "true"})
 

@@ -23,7 +23,7 @@ from balora_plugins.tools.demo import extract_answer, macro_f1
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(argv, capsys):
+def _run_cli(argv, capsys):
     """(exit code, stdout, stderr) of `balora ARGV` run in-process."""
     try:
         code = cli.main(argv)
@@ -68,7 +68,7 @@ def _is_png(path):
 def test_usage_errors_exit_2_with_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapter").mkdir()
-    code, _, err = _run(argv, capsys)
+    code, _, err = _run_cli(argv, capsys)
     assert code == 2, err
     assert message in err
     assert not (tmp_path / "balora_demo").exists()  # nothing trained, nothing written
@@ -78,11 +78,11 @@ def test_refuses_non_empty_out_before_training(capsys, tmp_path):
     out = tmp_path / "report"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, _, err = _run(["demo", "--tiny", "--out", str(out)], capsys)
+    code, _, err = _run_cli(["demo", "--tiny", "--out", str(out)], capsys)
     assert code == 2
     assert "is not empty; choose another directory or pass overwrite=True (--overwrite)" in err
     assert sorted(os.listdir(out)) == ["notes.txt"]
-    code, _, err = _run(["export", str(tmp_path), "--out", str(out)], capsys)
+    code, _, err = _run_cli(["export", str(tmp_path), "--out", str(out)], capsys)
     assert code == 2 and "is not empty" in err
 
 
@@ -90,22 +90,43 @@ def test_refuses_non_empty_out_before_training(capsys, tmp_path):
 @pytest.fixture(scope="module")
 def nlg_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "nlg"
-    code = cli.main(["demo", "--tiny", "--out", str(out), "--eval-size", "6"])
+    argv = ["demo", "--tiny", "--out", str(out), "--eval-size", "6", "--methods", "pissa,balora"]
+    argv += ["--seeds", "2", "--lr", "0.01"]  # a drift well above fp32 rounding: the KLs are compared at 1e-3
+    code = cli.main(argv)
     assert code == 0
     with open(out / "results.json") as f:
         return out, json.load(f)
+
+
+def _settings(out, results):
+    from balora_plugins.tools.demo import DemoSettings
+
+    return DemoSettings(**{**results["settings"], "out": str(out)})
 
 
 def _held_out(out, results):
     from transformers import AutoTokenizer
 
     from balora_plugins.tools import assets
-    from balora_plugins.tools.demo import DemoSettings, gsm_splits
+    from balora_plugins.tools.demo import gsm_splits
+    from balora_plugins.tools.demo.nlg import candidates
 
-    s = DemoSettings(**{**results["settings"], "out": str(out)})
+    s = _settings(out, results)
     tok = AutoTokenizer.from_pretrained(out / "base_model")
-    dataset = assets.gsm_symbolic(4 * (s.train_size + s.eval_size) + 64, s.seed)
-    return gsm_splits(tok, dataset, s)[1]
+    return gsm_splits(tok, assets.gsm_symbolic(candidates(s), s.data_seed), s)[1]
+
+
+def _news(out, results):
+    """The forgetting set rebuilt from the BBC corpus: the first forget_length tokens of the same articles."""
+    from transformers import AutoTokenizer
+
+    from balora_plugins.tools import assets
+
+    s = _settings(out, results)
+    tok = AutoTokenizer.from_pretrained(out / "base_model")
+    data = assets.bbc_news()
+    idx, _ = assets.stratified_split(data.labels, s.forget_size, 0, s.data_seed)
+    return [tok(data.texts[i], add_special_tokens=False)["input_ids"][: s.forget_length] for i in idx]
 
 
 def _full_logits(model, examples):
@@ -121,27 +142,90 @@ def _full_logits(model, examples):
     return rows
 
 
+def _news_logits(model, articles):
+    """(all next-token logits, their targets) over the articles: every position but each article's last."""
+    with torch.no_grad():
+        z = [model(input_ids=torch.tensor([ids])).logits[0, :-1] for ids in articles]
+    return torch.cat(z).double(), torch.cat([torch.tensor(ids[1:]) for ids in articles])
+
+
+def _kl(base_logits, logits):
+    """Mean KL(p_base ‖ p) over rows, from materialised fp64 logits."""
+    logq, logp = torch.log_softmax(base_logits, -1), torch.log_softmax(logits, -1)
+    return (logq.exp() * (logq - logp)).sum(-1).mean().item()
+
+
+def _metrics(results, method, seed):
+    (run,) = [r for r in results["runs"] if r["method"] == method and r["seed"] == seed]
+    return run["metrics"]
+
+
 def test_demo_tiny_writes_report(nlg_demo):
     out, results = nlg_demo
-    assert set(results["models"]) == {"base", "pissa", "balora"}
+    assert [(r["seed"], r["method"]) for r in results["runs"]] == [
+        (0, "pissa"),
+        (0, "balora"),
+        (1, "pissa"),
+        (1, "balora"),
+    ]
+    assert set(results["summary"]) == {"pissa", "balora"}
+    assert {c["metric"] for c in results["comparisons"]} == {
+        "answer_nll",
+        "news_nll",
+        "news_kl",
+        "exact_match",
+    }
     summary = (out / "summary.md").read_text()
-    for text in ("| PiSSA |", "| BA-LoRA |", "| base |", "![loss](loss.png)", "![spectrum](spectrum.png)"):
-        assert text in summary
-    for name in ("loss.png", "regularizers.png", "spectrum.png"):
+    for text in (
+        "| PiSSA |",
+        "| BA-LoRA |",
+        "| base |",
+        "![metrics](metrics.png)",
+        "![differences](differences.png)",
+        "![loss](loss.png)",
+        "![spectrum](spectrum.png)",
+        "answer NLL: BA-LoRA − PiSSA",
+        "## Per-seed numbers",
+        "CPU-seconds",
+    ):
+        assert text in summary, text
+    for name in ("metrics.png", "differences.png", "loss.png", "regularizers.png", "spectrum.png"):
         assert _is_png(out / name), name
-    with open(out / "balora" / "trainer_state.json") as f:
-        logged = {k for entry in json.load(f)["log_history"] for k in entry}
-    assert {"loss", "balora/consistency", "balora/diversity", "balora/svd", "balora/loss"} <= logged
-    with open(out / "pissa" / "trainer_state.json") as f:
-        assert not any(k.startswith("balora/") for entry in json.load(f)["log_history"] for k in entry)
+    for seed in (0, 1):
+        with open(out / f"seed{seed}" / "balora" / "trainer_state.json") as f:
+            logged = {k for entry in json.load(f)["log_history"] for k in entry}
+        assert {"loss", "balora/consistency", "balora/diversity", "balora/svd", "balora/loss"} <= logged
+        with open(out / f"seed{seed}" / "pissa" / "trainer_state.json") as f:
+            assert not any(k.startswith("balora/") for entry in json.load(f)["log_history"] for k in entry)
     # BA-LoRA's final output: the servable plain LoRA at the root, the trainable form in balora_resume/
-    with open(out / "balora" / "adapter" / "adapter_config.json") as f:
+    adapter = out / "seed0" / "balora" / "adapter"
+    with open(adapter / "adapter_config.json") as f:
         assert json.load(f)["init_lora_weights"] is True
-    assert (out / "balora" / "adapter" / "balora_resume" / "balora_ref" / "adapter_config.json").is_file()
+    assert (adapter / "balora_resume" / "balora_ref" / "adapter_config.json").is_file()
+    assert not (out / "seed1" / "balora" / "adapter").exists()  # adapters of the first seed only
+
+
+def test_demo_seeds_differ_and_share_within_a_seed(nlg_demo):
+    """Seeds change the training sample and init (different numbers); the table's mean is the seeds' mean."""
+    out, results = nlg_demo
+    a, b = _metrics(results, "pissa", 0), _metrics(results, "pissa", 1)
+    assert a["answer_nll"] != b["answer_nll"]
+    mean = results["summary"]["pissa"]["answer_nll"]
+    assert mean["mean"] == pytest.approx((a["answer_nll"] + b["answer_nll"]) / 2)
+    assert mean["n"] == 2 and mean["low"] < mean["mean"] < mean["high"]
+    (c,) = [c for c in results["comparisons"] if c["metric"] == "answer_nll"]
+    d = [
+        _metrics(results, "balora", s)["answer_nll"] - _metrics(results, "pissa", s)["answer_nll"]
+        for s in (0, 1)
+    ]
+    assert c["diff_mean"] == pytest.approx(sum(d) / 2)
+    # t with 1 degree of freedom: half-width 12.706 · |d0 − d1| / 2
+    assert c["diff_high"] - c["diff_mean"] == pytest.approx(12.706205 * abs(d[0] - d[1]) / 2, rel=1e-6)
 
 
 def test_demo_metrics_match_full_logits(nlg_demo):
-    """Base NLL and spectrum, and PiSSA's NLL and KL, recomputed from materialised logits of reloaded models."""
+    """Base NLL and spectrum, PiSSA's NLL and KL, and the forgetting NLL / KL on BBC News, recomputed from
+    materialised logits of reloaded models."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -152,70 +236,93 @@ def test_demo_metrics_match_full_logits(nlg_demo):
     z = torch.cat([r[0] for r in base_rows]).double()
     y = torch.cat([r[1] for r in base_rows])
     nll = torch.nn.functional.cross_entropy(z, y).item()
-    m = results["models"]["base"]["metrics"]
+    m = results["base"]["metrics"]
     assert m["answer_tokens"] == len(y)
     assert m["answer_nll"] == pytest.approx(nll, rel=1e-5)
     sv = torch.linalg.svdvals(z)
     spectrum = torch.tensor(results["spectra"]["base"], dtype=torch.float64)
     torch.testing.assert_close(spectrum[:10], sv[:10], rtol=1e-4, atol=1e-4)
     assert m["svd_top_share"] == pytest.approx((sv[:10].sum() / z.norm()).item(), rel=1e-4)
+    articles = _news(out, results)
+    zn, yn = _news_logits(base, articles)
+    assert m["news_tokens"] == len(yn) == sum(len(a) - 1 for a in articles)
+    assert m["news_nll"] == pytest.approx(torch.nn.functional.cross_entropy(zn, yn).item(), rel=1e-5)
 
     plain = out / "pissa_plain"
-    assert cli.main(["export", str(out / "pissa" / "adapter"), "--out", str(plain)]) == 0
+    assert cli.main(["export", str(out / "seed0" / "pissa" / "adapter"), "--out", str(plain)]) == 0
     base_again = AutoModelForCausalLM.from_pretrained(out / "base_model")
     tuned = PeftModel.from_pretrained(base_again, plain).eval()
-    tuned_rows = _full_logits(tuned, held_out)
-    zt = torch.cat([r[0] for r in tuned_rows]).double()
-    logp, logq = torch.log_softmax(zt, -1), torch.log_softmax(z, -1)
-    kl = (logq.exp() * (logq - logp)).sum(-1).mean().item()
-    pm = results["models"]["pissa"]["metrics"]
+    zt = torch.cat([r[0] for r in _full_logits(tuned, held_out)]).double()
+    pm = _metrics(results, "pissa", 0)
+    kl = _kl(z, zt)
     assert kl > 0
     assert pm["kl_from_base"] == pytest.approx(kl, rel=1e-3, abs=1e-9)
     assert pm["answer_nll"] == pytest.approx(torch.nn.functional.cross_entropy(zt, y).item(), rel=1e-5)
+    znt, _ = _news_logits(tuned, articles)
+    news_kl = _kl(zn, znt)
+    assert news_kl > 0
+    assert pm["news_kl"] == pytest.approx(news_kl, rel=1e-3, abs=1e-9)
+    assert pm["news_nll"] == pytest.approx(torch.nn.functional.cross_entropy(znt, yn).item(), rel=1e-5)
 
     # --merge without --base: the adapter names the demo's saved base model
+    merged_dir = out / "pissa_merged"
     assert (
-        cli.main(["export", str(out / "pissa" / "adapter"), "--out", str(out / "pissa_merged"), "--merge"])
+        cli.main(["export", str(out / "seed0" / "pissa" / "adapter"), "--out", str(merged_dir), "--merge"])
         == 0
     )
-    merged = AutoModelForCausalLM.from_pretrained(out / "pissa_merged").eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     zm = torch.cat([r[0] for r in _full_logits(merged, held_out)]).double()
     torch.testing.assert_close(zm, zt, rtol=1e-4, atol=1e-5)
 
 
 def test_report_rerenders_demo_dir(nlg_demo, capsys):
     out, _ = nlg_demo
-    code, stdout, _ = _run(["report", str(out)], capsys)
+    code, stdout, _ = _run_cli(["report", str(out)], capsys)
     assert code == 0
     rep = out / "balora_report"
-    assert {"report.md", "loss.png", "regularizers.png", "spectrum.png"} <= set(os.listdir(rep))
-    assert "| pissa |" in (rep / "report.md").read_text() and "report.md" in stdout
+    plots = {"metrics.png", "differences.png", "loss.png", "regularizers.png", "spectrum.png"}
+    assert {"report.md", *plots} <= set(os.listdir(rep))
+    text = (rep / "report.md").read_text()
+    assert "| pissa/seed0 |" in text and "| balora/seed1 |" in text and "report.md" in stdout
 
 
 # ---------------------------------------------------------------------------------------------- demo (NLU)
-def test_demo_nlu_tiny_overwrite_replaces_only_its_own_files(tmp_path, capsys):
+def test_demo_nlu_tiny_label_noise_ablation_and_overwrite(tmp_path, capsys):
     out = tmp_path / "nlu"
-    (out / "pissa").mkdir(parents=True)  # a stale run of an earlier report
-    (out / "pissa" / "trainer_state.json").write_text("{}")
+    (out / "seed0" / "pissa").mkdir(parents=True)  # a stale run of an earlier report
+    (out / "seed0" / "pissa" / "trainer_state.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
-    code, stdout, err = _run(["demo", "--task", "nlu", "--tiny", "--out", str(out), "--overwrite"], capsys)
+    argv = ["demo", "--task", "nlu", "--tiny", "--out", str(out), "--overwrite", "--label-noise", "0.3"]
+    code, stdout, err = _run_cli([*argv, "--methods", "lora,balora,balora-no-svd"], capsys)
     assert code == 0, err
-    assert not (out / "pissa").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not (out / "seed0" / "pissa").exists() and (out / "notes.txt").read_text() == "mine"
     with open(out / "results.json") as f:
         results = json.load(f)
-    assert results["task"] == "nlu" and set(results["models"]) == {"base", "lora", "balora"}
+    assert results["task"] == "nlu" and set(results["summary"]) == {"lora", "balora", "balora-no-svd"}
+    assert len(results["runs"]) == 6 and results["data"]["flipped_per_seed"] == {"0": 6, "1": 6}  # 30 % of 20
+    assert all(0 <= r["metrics"]["noisy_fit"] <= 1 for r in results["runs"])
     assert len(results["spectra"]["lora"]) == 5  # (N, 5 classes) logits
-    assert "macro-F1" in stdout and "| BA-LoRA |" in (out / "summary.md").read_text()
-    for name in ("loss.png", "regularizers.png", "spectrum.png"):
+    assert (
+        "macro-F1" in stdout
+        and "noisy-label fit" in stdout
+        and "| BA-LoRA |" in (out / "summary.md").read_text()
+    )
+    assert "noisy-label fit: BA-LoRA − BA-LoRA w/o svd" in stdout
+    for name in ("metrics.png", "differences.png", "loss.png", "regularizers.png", "spectrum.png"):
         assert _is_png(out / name), name
     # the preset's svd_top_k=5 is a no-op with 5 classes: the demo says so and uses 4
     assert results["balora_config"]["svd_top_k"] == 4 and "svd_top_k=5 >= 5 classes" in stdout
+    # the ablation trains with λ3 = 0, BA-LoRA with the preset's λ3
+    for method, want in (("balora", results["balora_config"]["lambda_svd"]), ("balora-no-svd", 0.0)):
+        with open(out / "seed1" / method / "trainer_state.json") as f:
+            logged = [e["balora/lambda_svd"] for e in json.load(f)["log_history"] if "balora/lambda_svd" in e]
+        assert logged and all(v == want for v in logged), method
 
     # the BA-LoRA classifier adapter (PiSSA + trained head) merges into the untouched base it names
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    adapter = out / "balora" / "adapter"
+    adapter = out / "seed0" / "balora" / "adapter"
     assert cli.main(["export", str(adapter), "--out", str(tmp_path / "plain")]) == 0
     assert cli.main(["export", str(adapter), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     probe = {
@@ -271,7 +378,7 @@ def test_report_on_trainer_checkpoints(tmp_path, capsys):
     )
     assert term_names({"run": history}) == ["consistency", "diversity", "svd"]
 
-    code, stdout, _ = _run(["report", str(run), "--out", str(tmp_path / "rep")], capsys)
+    code, stdout, _ = _run_cli(["report", str(run), "--out", str(tmp_path / "rep")], capsys)
     assert code == 0
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| run | 10 | 2.9 | 2 | 2 | 2.5 | 0.1 | -2.1 | -0.51 |" in text
@@ -283,15 +390,15 @@ def test_report_on_sweep_without_balora_terms(tmp_path, capsys):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text(json.dumps(_state(4, balora=False)))
-    code, _, _ = _run(["report", str(tmp_path)], capsys)
+    code, _, _ = _run_cli(["report", str(tmp_path)], capsys)
     assert code == 0
     files = set(os.listdir(tmp_path / "balora_report"))
     assert "loss.png" in files and "regularizers.png" not in files
-    code, _, err = _run(["report", str(tmp_path / "a" / "..")], capsys)
+    code, _, err = _run_cli(["report", str(tmp_path / "a" / "..")], capsys)
     assert code == 0
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = _run(["report", str(empty)], capsys)
+    code, _, err = _run_cli(["report", str(empty)], capsys)
     assert code == 2 and "found no trainer_state.json" in err
 
 
@@ -322,7 +429,7 @@ def test_export_pissa_adapter_serves_on_untouched_base(tmp_path, capsys):
             untouched(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits - want
         ).abs().max() > 1e-3
 
-    code, stdout, _ = _run(["export", str(adapter), "--out", str(tmp_path / "plain")], capsys)
+    code, stdout, _ = _run_cli(["export", str(adapter), "--out", str(tmp_path / "plain")], capsys)
     assert code == 0 and "plain LoRA adapter" in stdout
     served = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "plain"
@@ -331,7 +438,7 @@ def test_export_pissa_adapter_serves_on_untouched_base(tmp_path, capsys):
         got = served(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
-    code, _, _ = _run(
+    code, _, _ = _run_cli(
         ["export", str(adapter), "--out", str(tmp_path / "merged"), "--merge", "--base", str(base_dir)],
         capsys,
     )
@@ -340,7 +447,7 @@ def test_export_pissa_adapter_serves_on_untouched_base(tmp_path, capsys):
     with torch.no_grad():
         got = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    code, _, err = _run(
+    code, _, err = _run_cli(
         ["export", str(adapter), "--out", str(tmp_path / "merged"), "--merge", "--base", str(base_dir)],
         capsys,
     )

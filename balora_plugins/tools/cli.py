@@ -8,38 +8,71 @@ exit with code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from balora_plugins import __version__
+from balora_plugins.tools.demo.settings import cli_fields, default_text
 
 EPILOG_DEMO = """examples:
-  balora demo                                   # PiSSA vs BA-LoRA, SmolLM2-135M on GSM word problems (CPU ~10 min)
-  balora demo --methods lora,pissa,balora --steps 200 --train-size 800 --out runs/gsm
-  balora demo --task nlu                        # LoRA / PiSSA / BA-LoRA, MiniLM on BBC News
+  balora demo                                   # 3 seeds x LoRA / PiSSA / BA-LoRA, SmolLM2-135M on GSM problems
+  balora demo --seeds 5 --steps 48 --train-size 96 --out runs/gsm
+  balora demo --methods pissa,balora,balora-no-consistency,balora-no-svd   # which term does what
+  balora demo --task nlu --label-noise 0.3      # MiniLM on BBC News, 30 % of the training labels flipped
   balora demo --tiny --out /tmp/d --overwrite   # a tiny random model: seconds (tests, CI)
-defaults depend on --task and the device (CPU: sized for 15 minutes on 2 cores; a GPU gets bigger runs)."""
+defaults depend on --task and the device (CPU: sized for 15 minutes on 2 idle cores; a GPU gets bigger runs);
+docs/cli.md lists them."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its ValueError turned into argparse's usage error (the message stays ``parse``'s)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    fields: Sequence[dataclasses.Field],
+    defaults: Callable[[str], str | None] = lambda name: None,
+) -> None:
+    """One ``--field-name`` option per dataclass field, from its metadata: ``help``, ``parse`` (a converter
+    raising ValueError), ``choices`` and ``metavar``. A bool field defaulting to False is a switch; one
+    defaulting to None gets ``--x`` / ``--no-x``. The default is the field's (None: decided later, per task and
+    device, and described by ``defaults(name)``), so the settings class stays the one definition of every
+    option. Integer / float options show ``N`` / ``X``."""
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = meta["help"]
+        described = defaults(f.name) if default is None else None
+        if described:
+            help_text += f" (default {described})"
+        elif default not in (None, False, ""):
+            help_text += f" (default: {default})"
+        if f.type in ("bool", bool) or (f.type == "bool | None"):
+            action = "store_true" if default is False else argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=default, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"default": default, "help": help_text}
+        if meta.get("parse") is not None:
+            kwargs["type"] = _argparse_type(meta["parse"])
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        metavar = meta.get("metavar") or {"int": "N", "float": "X"}.get(str(f.type).split(" |")[0])
+        if metavar:
+            kwargs["metavar"] = metavar
+        parser.add_argument(flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,37 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_DEMO,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument(
-        "--task",
-        choices=("nlg", "nlu"),
-        default="nlg",
-        help="nlg: SmolLM2-135M-Instruct on reasoning-gym gsm_symbolic (default); "
-        "nlu: all-MiniLM-L6-v2 classifying BBC News",
-    )
-    demo.add_argument(
-        "--model", help="local folder, .gguf file or cached hub id instead of the bundled model"
-    )
-    demo.add_argument(
-        "--tiny", action="store_true", help="a tiny random model and few steps (seconds; for tests/CI)"
-    )
-    demo.add_argument("--train-size", type=_positive_int, help="training examples")
-    demo.add_argument("--eval-size", type=_positive_int, help="held-out examples")
-    demo.add_argument("--steps", type=_positive_int, help="optimizer steps per method")
-    demo.add_argument("--batch-size", type=_positive_int, help="examples per step")
-    demo.add_argument("--rank", type=_positive_int, help="LoRA rank r (alpha = r)")
-    demo.add_argument("--lr", type=_positive_float, help="learning rate")
-    demo.add_argument("--max-length", type=_positive_int, help="max tokens per example")
-    demo.add_argument(
-        "--max-new-tokens", type=_positive_int, help="NLG: greedy answer length for exact match"
-    )
-    demo.add_argument("--preset", help="BA-LoRA preset (default iclr2026-nlg / iclr2026-nlu)")
-    demo.add_argument(
-        "--methods", help="comma-separated subset of lora,pissa,balora (lora mirrors the paper's table)"
-    )
-    demo.add_argument("--seed", type=int, default=0, help="seed for data, init and order (default 0)")
-    demo.add_argument("--out", default="balora_demo", help="report directory (default ./balora_demo)")
-    demo.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty --out")
-    demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    add_dataclass_options(demo, cli_fields(), default_text)
 
     exp = sub.add_parser(
         "export",
@@ -136,33 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from balora_plugins.tools.demo import DemoUsageError, check_out_dir, resolve_settings, run
 
-    given = {
-        k: getattr(args, k)
-        for k in (
-            "model",
-            "train_size",
-            "eval_size",
-            "steps",
-            "batch_size",
-            "rank",
-            "lr",
-            "max_length",
-            "max_new_tokens",
-            "preset",
-            "methods",
-            "seed",
-        )
-    }
+    given = {f.name: getattr(args, f.name) for f in cli_fields()}
     try:
         check_out_dir(args.out, args.overwrite)
-        settings = resolve_settings(
-            task=args.task,
-            device=args.device,
-            tiny=args.tiny,
-            out=args.out,
-            overwrite=args.overwrite,
-            **given,
-        )
+        settings = resolve_settings(**given)
         run(settings)
     except DemoUsageError as e:
         parser.error(str(e))
