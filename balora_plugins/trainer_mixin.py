@@ -17,9 +17,13 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
 
 from .config import BALoRAConfig
+from .core import distributed
 from .core.export import (
+    ADAPTER_WEIGHTS,
     INITIAL_DIR,
     export_plain_lora,
     find_initial_adapter,
@@ -51,7 +55,21 @@ class BALoRATrainerMixin:
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        distributed.check_engine(self.accelerator, task=self.balora.config.task)
         self.balora.prepare(self.model)
+        peft_model, adapter = unwrap(self.model), self.balora.adapter_name
+        if self.balora.mode == "model" and has_residual_base(peft_model, adapter):
+            # reference='model' adds no snapshot adapter, but the plain-LoRA export of a PiSSA-type adapter needs
+            # its step-0 weights: a CPU copy (the rank-r factors), written as balora_ref/ with every save. Kept
+            # across a callback's detach/attach, which must not take the trained weights for the initial ones.
+            if getattr(self, "_balora_initial", None) is None:
+                self._balora_initial = distributed.full_adapter_state(
+                    peft_model, adapter, wrapped=self.model, always=True
+                )
+        if (
+            ref_model is not None
+        ):  # placed like TRL places its reference model (DeepSpeed: an inference engine)
+            self.balora.ref_model = distributed.prepare_reference_model(ref_model, self.accelerator)
 
     # ------------------------------------------------------------------ guard against silent overwrites
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
@@ -64,6 +82,14 @@ class BALoRATrainerMixin:
                     "silently. Resume with trainer.train(resume_from_checkpoint=True), choose a new output_dir, "
                     "or delete the old checkpoints."
                 )
+        if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
+            # DeepSpeed resumes from its own checkpoint files and never calls _load_from_checkpoint; under ZeRO-3
+            # they hold no frozen parameter, so the reference snapshot comes from the checkpoint's balora_ref/.
+            checkpoint = resume_from_checkpoint
+            if not isinstance(checkpoint, str):
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is not None:
+                self._balora_restore_reference(checkpoint, self.model)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ loss
@@ -117,11 +143,22 @@ class BALoRATrainerMixin:
             return
         self.balora.config.save_pretrained(output_dir)
         peft_model = unwrap(self.model)
-        if self.balora.mode == "adapter_snapshot" and find_initial_adapter(output_dir) is None:
-            save_initial_adapter(peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER)
+        initial_dir = os.path.join(output_dir, INITIAL_DIR)
+        if self.balora.mode == "adapter_snapshot":
+            gathered = getattr(self, "_balora_ref_state", None)  # when an engine shards it: see save_model
+            if gathered is not None or find_initial_adapter(output_dir) is None:
+                save_initial_adapter(peft_model, initial_dir, REF_ADAPTER, state=gathered)
+        elif getattr(self, "_balora_initial", None) is not None:  # reference='model', PiSSA-type adapter
+            save_initial_adapter(peft_model, initial_dir, state=self._balora_initial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=_internal_call)
+        # Every rank calls save_model, the main process alone calls _save (transformers 5.16) and the engine's own
+        # saving gathers parameters module by module: gather the snapshot here, before it (ZeRO-3, FSDP).
+        self._balora_ref_state = self._balora_full_reference()
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self._balora_ref_state = None
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not _internal_call:
             self._balora_export(output_dir)
@@ -134,23 +171,39 @@ class BALoRATrainerMixin:
         export_plain_lora(output_dir, target, overwrite=True)  # our own artefact of this save, refreshed
         logger.info("BA-LoRA: plain-LoRA export (serves on the untouched base model) written to %s", target)
 
+    def _balora_full_reference(self) -> dict[str, torch.Tensor] | None:
+        """The snapshot adapter's full weights when an engine shards them (a collective: every rank), else None."""
+        if self.balora.mode != "adapter_snapshot":
+            return None
+        return distributed.full_adapter_state(unwrap(self.model), REF_ADAPTER, wrapped=self.model_wrapped)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        model = model if model is not None else self.model
         if os.path.isfile(os.path.join(resume_from_checkpoint, "adapter_model.safetensors")):
             # transformers 5.16 (axolotl 0.19's pin), seeing adapter sub-folders (our balora_ref/), loads only those
             # and silently keeps the fresh trained adapter; 5.24 loads both. Reload it (a no-op where it was loaded).
-            peft_model = unwrap(model if model is not None else self.model)
-            load_initial_adapter(peft_model, resume_from_checkpoint, self.balora.adapter_name)
+            load_initial_adapter(
+                unwrap(model), resume_from_checkpoint, self.balora.adapter_name, wrapped=model
+            )
+        self._balora_restore_reference(resume_from_checkpoint, model)
+
+    def _balora_restore_reference(self, checkpoint: str, model) -> None:
+        """Load the reference snapshot from ``checkpoint``'s balora_ref/ (every rank: a collective when sharded)."""
+        initial = find_initial_adapter(checkpoint)
+        if self.balora.mode == "model" and initial is not None and getattr(self, "_balora_initial", None):
+            self._balora_initial = load_file(
+                os.path.join(initial, ADAPTER_WEIGHTS)
+            )  # the run's step-0 adapter
         if self.balora.mode != "adapter_snapshot":
             return
-        initial = find_initial_adapter(resume_from_checkpoint)
         if initial is None:
             raise FileNotFoundError(
-                f"BA-LoRA: checkpoint {resume_from_checkpoint!r} holds no {INITIAL_DIR}/ (the frozen initial adapter); "
+                f"BA-LoRA: checkpoint {checkpoint!r} holds no {INITIAL_DIR}/ (the frozen initial adapter); "
                 "without it the reference would be rebuilt from the current weights. Resume from a checkpoint "
                 "written by a BA-LoRA trainer."
             )
-        load_initial_adapter(unwrap(model if model is not None else self.model), initial, REF_ADAPTER)
+        load_initial_adapter(unwrap(model), initial, REF_ADAPTER, wrapped=model)
 
 
 def host_loss_scaling(trainer: Any, num_items_in_batch: Any) -> LossScaling:

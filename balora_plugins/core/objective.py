@@ -213,6 +213,13 @@ class BALoRAObjective:
             ``(loss, metrics)``: a 0-d tensor to add to the host's loss and a dict of floats keyed
             ``balora/...``.
         """
+        try:
+            return self._compute(model, inputs, logits, scaling, progress)
+        finally:
+            if self.head is not None and self.head.source is not None:
+                self.head = None  # a sharded head's per-step full copy (core/distributed.py) is not kept
+
+    def _compute(self, model, inputs, logits, scaling, progress) -> tuple[torch.Tensor, dict[str, float]]:
         scaling = scaling or LossScaling()
         lambdas = self.config.lambdas_at(progress)
         weights = {t.name: t.weight(lambdas) for t in self.terms}
@@ -275,13 +282,13 @@ class BALoRAObjective:
         self.head = output_head(ref.unwrap(model).get_base_model())
         mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
-        if not bool(mask.any()):
-            self._finite("no_valid_rows", torch.tensor(float("nan")), metrics)
-            self._captured = None
-            return None, None, None, True
-        rows = hidden[mask]
+        # every rank runs the reference forward, rows or not: a collective under ZeRO-3 and FSDP
         ref_rows = self.reference_hidden(model)[mask] if need_ref else None
         self._captured = None
+        if not bool(mask.any()):
+            self._finite("no_valid_rows", torch.tensor(float("nan")), metrics)
+            return None, None, None, True
+        rows = hidden[mask]
         return rows, ref_rows, HiddenView(rows, self.head), True
 
     def valid_mask(self, inputs: Mapping[str, Any], hidden: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import distributed
+
 REF_ADAPTER = "balora_ref"
 # LoRA initialisations that rewrite the frozen base weight (so "adapter off" is not the pre-trained model).
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
@@ -110,7 +112,11 @@ def copy_adapter_weights(peft_model: nn.Module, source: str, target: str) -> int
     """Copy every parameter of adapter ``source`` onto adapter ``target``; returns how many were copied."""
     params = dict(peft_model.named_parameters())
     n = 0
-    with torch.no_grad():
+    both = [
+        *distributed.adapter_parameters(peft_model, source),
+        *distributed.adapter_parameters(peft_model, target),
+    ]
+    with torch.no_grad(), distributed.gathered(both, modifier_rank=0):  # ZeRO-3: rank 0's copy reaches all
         for key, p in params.items():
             if f".{source}." not in key:
                 continue
@@ -174,7 +180,7 @@ def _mergeable(m: nn.Module, adapter: str) -> bool:
         and not getattr(m, "use_dora", {}).get(adapter, False)
         and not getattr(m, "fan_in_fan_out", False)
         and m.lora_B[adapter].bias is None
-        and not hasattr(base.weight, "to_local")
+        and not distributed.is_sharded(base.weight)  # read outside its own module's forward: must be whole
     )
 
 

@@ -1,0 +1,252 @@
+"""What BA-LoRA needs to know about sharded training engines, in one place (README "Multi-GPU").
+
+Under DeepSpeed ZeRO-3 every parameter outside the engine's own forward is a partitioned placeholder (shape (0,),
+the rank's slice in ``param.ds_tensor``); under FSDP2 it is a DTensor; under FSDP1 it is a view into the rank's
+shard of a flat parameter. BA-LoRA reads three things outside the model's forward — the frozen output head (each
+step), the reference adapter (when it is created, saved and restored) and, for ``reference='model'``, a second
+model — so it reads them here:
+
+* :func:`gathered` — the full parameters for the enclosed block (ZeRO-3: ``deepspeed.zero.GatheredParameters``;
+  FSDP1: ``summon_full_params``). A **collective**: every rank must enter it, in the same order.
+* :func:`gathered_copy` — a full copy of sharded tensors for one step (the head); nothing is kept afterwards.
+* :func:`local_shard` — the storage this rank owns, which identifies a sharded parameter across steps (the
+  Gram-factor cache keys on it: a gathered copy is a new tensor every step).
+* :func:`check_engine` — refuses, at construction, the settings BA-LoRA cannot train or save correctly.
+* :func:`prepare_reference_model` — an explicit ``ref_model=`` placed like TRL places a teacher or reference model
+  (``trl.models.utils.prepare_deepspeed``): sharded with the run's ZeRO-3 config, else ZeRO off.
+
+Nothing here imports DeepSpeed or accelerate unless the model or the trainer already uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------- facts
+def is_partitioned(t: Any) -> bool:
+    """A DeepSpeed ZeRO-3 parameter (its data is a placeholder outside the engine's forward)."""
+    return isinstance(t, torch.Tensor) and hasattr(t, "ds_id")
+
+
+def is_sharded(t: Any) -> bool:
+    """A parameter whose full value this rank does not hold: ZeRO-3 or a DTensor (FSDP2, tensor parallel)."""
+    return is_partitioned(t) or hasattr(t, "full_tensor")
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank owns for ``t``: ZeRO-3's ``ds_tensor``, a DTensor's local shard, else ``t``."""
+    if is_partitioned(t):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def fsdp1_root(model: nn.Module) -> nn.Module | None:
+    """The outermost FSDP1 ``FullyShardedDataParallel`` module around (or inside) ``model``, or None."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # torch without distributed
+        return None
+    if isinstance(model, FSDP):
+        return model
+    return next((m for m in model.modules() if isinstance(m, FSDP)), None)
+
+
+# ---------------------------------------------------------------------------------------------- gathering
+@contextlib.contextmanager
+def gathered(
+    params: Iterable[torch.Tensor | None], *, modifier_rank: int | None = None, fsdp1: nn.Module | None = None
+) -> Iterator[None]:
+    """Full values of ``params`` inside the block (a no-op for parameters that are not partitioned).
+
+    ZeRO-3 parameters are gathered with ``deepspeed.zero.GatheredParameters``: a collective that every rank must
+    enter; with ``modifier_rank`` set, that rank's in-place changes are written back to every rank's partition on
+    exit. ``fsdp1``: an FSDP1 root whose flat parameters hold ``params`` (gathered with ``summon_full_params``).
+    DTensors are not gathered here (read them with :func:`gathered_copy`).
+    """
+    zero3 = [p for p in params if is_partitioned(p)]
+    with contextlib.ExitStack() as stack:
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank))
+        if fsdp1 is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            stack.enter_context(
+                FSDP.summon_full_params(fsdp1, writeback=modifier_rank is not None, recurse=True)
+            )
+        yield
+
+
+def gathered_copy(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Full, detached copies of sharded ``tensors`` (None and unsharded tensors pass through unchanged).
+
+    Collective for ZeRO-3 parameters and DTensors: every rank must call it. The copies live as long as the caller
+    holds them (one step for the output head) — no full copy is kept by the engine or by BA-LoRA between steps.
+    """
+    out: list[torch.Tensor | None] = [
+        t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t for t in tensors
+    ]
+    zero3 = [t for t in out if is_partitioned(t)]
+    if zero3:
+        with gathered(zero3):
+            out = [t.detach().clone() if is_partitioned(t) else t for t in out]
+    return tuple(out)
+
+
+def adapter_parameters(peft_model: nn.Module, adapter: str) -> list[torch.Tensor]:
+    """The parameters of PEFT adapter ``adapter`` (named ``...<adapter>...``), in module order."""
+    return [p for _, p in _adapter_named(peft_model, adapter)]
+
+
+def _adapter_named(peft_model: nn.Module, adapter: str) -> list[tuple[str, torch.Tensor]]:
+    """(key in PEFT's saved layout, parameter) for each parameter of ``adapter``; engine wrapper names removed."""
+    out = []
+    for name, p in peft_model.named_parameters():
+        if f".{adapter}." in name:
+            for wrapper in _WRAPPER_PREFIXES:
+                name = name.replace(wrapper, "")
+            out.append((name.replace(f".{adapter}.", "."), p))
+    return out
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def full_adapter_state(
+    peft_model: nn.Module, adapter: str, *, wrapped: nn.Module | None = None, always: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """Full CPU copies of adapter ``adapter``'s weights (PEFT's saved key layout) when an engine shards them (or
+    ``always``), else None (read them with PEFT). Collective under ZeRO-3, FSDP1 (``wrapped``: the engine's
+    model) and FSDP2."""
+    named = _adapter_named(peft_model, adapter)
+    fsdp1 = fsdp1_root(wrapped) if wrapped is not None else None
+    if not always and fsdp1 is None and not any(is_sharded(p) for _, p in named):
+        return None
+    with gathered([p for _, p in named], fsdp1=fsdp1):
+        return {
+            key: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+            for key, p in named
+        }
+
+
+def load_adapter_state(
+    peft_model: nn.Module, state: dict[str, torch.Tensor], adapter: str, *, wrapped: nn.Module | None = None
+) -> bool:
+    """Copy full weights ``state`` (PEFT's saved key layout) into adapter ``adapter`` when an engine shards it;
+    returns False, having done nothing, when it does not (load with PEFT). Collective like
+    :func:`full_adapter_state`: ZeRO-3 writes rank 0's copy to every partition, FSDP1 writes back every shard,
+    FSDP2 copies each rank's slice."""
+    named = _adapter_named(peft_model, adapter)
+    fsdp1 = fsdp1_root(wrapped) if wrapped is not None else None
+    if fsdp1 is None and not any(is_sharded(p) for _, p in named):
+        return False
+    missing = [key for key, _ in named if key not in state]
+    if missing:
+        raise KeyError(
+            f"saved adapter weights lack {len(missing)} tensors of adapter {adapter!r}, e.g. {missing[0]!r}"
+        )
+    with torch.no_grad(), gathered([p for _, p in named], modifier_rank=0, fsdp1=fsdp1):
+        for key, p in named:
+            if hasattr(p, "full_tensor"):
+                from torch.distributed.tensor import distribute_tensor
+
+                full = state[key].to(device=p.to_local().device, dtype=p.dtype)
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
+            else:
+                p.copy_(state[key].to(device=p.device, dtype=p.dtype))
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- engines
+def zero_stage(accelerator: Any) -> int | None:
+    """The DeepSpeed ZeRO stage of a run prepared by ``accelerator`` (None without DeepSpeed)."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) or 0)
+
+
+def fsdp_version(accelerator: Any) -> int | None:
+    """1 or 2 when ``accelerator`` runs FSDP, else None."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    return None if plugin is None else int(getattr(plugin, "fsdp_version", 1) or 1)
+
+
+def check_engine(accelerator: Any, *, task: str) -> None:
+    """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (see README, Multi-GPU)."""
+    stage = zero_stage(accelerator)
+    if stage == 3:
+        cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+        zero = cfg.get("zero_optimization", {})
+        gather = zero.get(
+            "stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save", False)
+        )
+        if str(gather).lower() != "true":
+            raise ValueError(
+                "DeepSpeed ZeRO-3 with zero_optimization.stage3_gather_16bit_weights_on_model_save="
+                f"{gather!r}: the trainer then saves no adapter weights (only DeepSpeed's sharded checkpoint), so "
+                "BA-LoRA's plain_lora/ export and a resumable reference have nothing to read. Set "
+                '"stage3_gather_16bit_weights_on_model_save": true in the DeepSpeed config (axolotl\'s bundled '
+                "zero3*.json do), or train with ZeRO-2."
+            )
+    version = fsdp_version(accelerator)
+    if version == 1 and task == "nlg":
+        plugin = accelerator.state.fsdp_plugin
+        if not getattr(plugin, "use_orig_params", True):
+            raise ValueError(
+                "FSDP1 with fsdp_use_orig_params=false: the LoRA modules' parameters are replaced by flat "
+                "parameters, so BA-LoRA cannot switch to its reference adapter or read the frozen output head. "
+                "Set fsdp_config use_orig_params: true (accelerate's default), or use FSDP2 (fsdp_version: 2)."
+            )
+
+
+def prepare_reference_model(ref_model: nn.Module, accelerator: Any) -> nn.Module:
+    """Place an explicit reference model for the run, as TRL places its reference/teacher models.
+
+    DeepSpeed: wrapped by ``deepspeed.initialize`` for inference with the run's config (ZeRO-3: sharded like the
+    trained model; ZeRO-1/2: ZeRO off, one copy per rank), optimizer and scheduler blocks removed — TRL's
+    ``prepare_deepspeed``. Other engines: moved to the run's device (one copy per rank).
+    """
+    stage = zero_stage(accelerator)
+    if stage is None:
+        return ref_model.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    hidden = getattr(getattr(ref_model, "config", None), "hidden_size", None)
+    if stage == 3 and hidden is not None:
+        zero = config["zero_optimization"]
+        for key, value in (
+            ("reduce_bucket_size", hidden * hidden),
+            ("stage3_param_persistence_threshold", 10 * hidden),
+            ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+        ):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    if stage != 3:
+        config["zero_optimization"]["stage"] = 0
+    _drop_auto(
+        config
+    )  # values transformers fills only when the trained model's engine starts: DeepSpeed defaults
+    engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+    engine.eval()
+    return engine
+
+
+def _drop_auto(config: dict) -> None:
+    for key, value in list(config.items()):
+        if isinstance(value, dict):
+            _drop_auto(value)
+        elif value == "auto":
+            del config[key]

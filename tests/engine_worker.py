@@ -1,0 +1,227 @@
+"""Worker for tests/test_engines.py: a few BA-LoRA steps through one door under one engine.
+
+Run as one process (``--engine single``) or under ``torch.distributed.run --nproc_per_node 2`` on CPU (gloo):
+``--engine zero2|zero3`` (DeepSpeed through ``TrainingArguments(deepspeed=...)``), ``fsdp1|fsdp2``
+(``TrainingArguments(fsdp=..., fsdp_config=...)``) or ``ddp``. ``--door callback`` is a plain transformers
+``Trainer`` with :class:`BALoRACallback`; ``--door trl`` is :class:`BALoRASFTTrainer`. Both doors train the same
+tiny PiSSA Llama on the same token rows in the same order, so every run of the same global batch ends with the
+same adapter. Rank 0 writes the final adapter (``final/``, saved through the door's ``save_model``) and the
+logged losses (``logs.json``) into OUT.
+
+``--kill-after K`` ends every process right after checkpoint K is written (as a killed job would);
+``--resume`` resumes from the last checkpoint in OUT after halving the in-memory reference adapter, so the
+run only ends right if the reference is restored from the checkpoint. ``--ref-model`` passes the pre-trained
+base as an explicit ``ref_model=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp1", "fsdp2")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--engine", choices=ENGINES, default="single")
+    p.add_argument("--door", choices=("callback", "trl"), default="callback")
+    p.add_argument("--per-device", type=int, default=2)
+    p.add_argument("--ga", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--save-steps", type=int, default=0)
+    p.add_argument("--kill-after", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ref-model", action="store_true")
+    return p.parse_args(argv)
+
+
+def configure_cpu_deepspeed() -> None:
+    """On a machine without GPUs accelerate (1.13 - 1.15) never initialises a process group for DeepSpeed (its
+    backend lookup knows only accelerators), so the Trainer would see one process. Configure the state with gloo
+    first and let ``TrainingArguments`` use it (``accelerator_config={"use_configured_state": True}``)."""
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+
+
+def deepspeed_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {
+            "stage": stage,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            # partition every parameter of the tiny model (by default ZeRO-3 keeps tensors under 1e5 whole)
+            "stage3_param_persistence_threshold": 0,
+        },
+    }
+
+
+def fsdp_kwargs(version: int) -> dict:
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": version,
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "state_dict_type": "FULL_STATE_DICT" if version == 1 else "SHARDED_STATE_DICT",
+        },
+    }
+
+
+def token_rows(n: int = 32):
+    """Rows of random token ids of unequal length (token normalisation matters); a prompt of 2-4 tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        length = 6 + (i * 5) % 9
+        ids = torch.randint(3, 96, (length,), generator=g).tolist()
+        prompt = 2 + i % 3
+        rows.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * (length - prompt)})
+    return rows
+
+
+def with_labels(rows):
+    """The same rows for the plain Trainer: ``labels`` = the ids, -100 on the prompt (TRL's collator does this)."""
+    return [
+        {"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]}
+        for r in rows
+    ]
+
+
+def collate(rows):
+    import torch
+
+    t = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), t, dtype=torch.long)
+    labels = torch.full((len(rows), t), -100)
+    attn = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        attn[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def main(argv=None) -> None:
+    a = parse(argv)
+    if a.engine in ("zero2", "zero3"):
+        configure_cpu_deepspeed()
+    import torch
+    from conftest import lora, tiny_llama, tiny_tokenizer
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from balora_plugins import BALoRAConfig
+    from balora_plugins.callback import BALoRACallback
+    from balora_plugins.core.reference import REF_ADAPTER
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if a.kill_after and state.global_step == a.kill_after:
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()
+                os._exit(0)
+
+    class InOrder:  # the same rows in the same order on every engine (a rank takes every world-th batch)
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    common = dict(
+        output_dir=a.out,
+        per_device_train_batch_size=a.per_device,
+        gradient_accumulation_steps=a.ga,
+        max_steps=a.steps,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
+        seed=0,
+        average_tokens_across_devices=True,
+        max_grad_norm=1e9,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+    if a.engine in ("zero2", "zero3"):
+        common.update(
+            deepspeed=deepspeed_config(int(a.engine[-1])), accelerator_config={"use_configured_state": True}
+        )
+    elif a.engine.startswith("fsdp"):
+        common.update(use_cpu=True, **fsdp_kwargs(int(a.engine[-1])))
+    else:
+        common.update(use_cpu=True)
+    cfg = BALoRAConfig(
+        lambda_consistency=1.0,
+        lambda_diversity=0.5,
+        lambda_svd=0.1,
+        diversity_top_k=8,
+        svd_top_k=2,
+        consistency_schedule="constant",
+        regularizer_schedule="constant",
+    )
+    model = lora(tiny_llama(seed=3), init="pissa")
+    ref_model = tiny_llama(seed=3) if a.ref_model else None
+    rows = token_rows()
+    if a.door == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig
+
+        from balora_plugins.trl import BALoRASFTTrainer
+
+        class SFT(InOrder, BALoRASFTTrainer):
+            pass
+
+        trainer = SFT(
+            model,
+            args=SFTConfig(**common, max_length=64, bf16=False, completion_only_loss=True),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer(),
+            balora_config=cfg,
+            ref_model=ref_model,
+            callbacks=[Kill()],
+        )
+        save = trainer.save_model
+    else:
+
+        class Plain(InOrder, Trainer):
+            pass
+
+        balora = BALoRACallback(cfg, ref_model=ref_model)
+        trainer = Plain(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=with_labels(rows),
+            data_collator=collate,
+            callbacks=[balora, Kill()],
+        )
+        save = balora.save_model
+    if a.resume:
+        with torch.no_grad():  # resume must take the reference from the checkpoint, not from memory
+            for n, p in model.named_parameters():
+                if f".{REF_ADAPTER}." in n:
+                    p.mul_(0.5)
+    trainer.train(resume_from_checkpoint=True if a.resume else None)
+    save(os.path.join(a.out, "final"))
+    if trainer.args.process_index == 0:
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        with open(os.path.join(a.out, "logs.json"), "w", encoding="utf-8") as f:
+            json.dump(logs, f)
+
+
+if __name__ == "__main__":
+    main()
