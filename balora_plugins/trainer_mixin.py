@@ -156,7 +156,8 @@ class BALoRATrainerMixin:
         # saving gathers parameters module by module: gather the snapshot here, before it (ZeRO-3, FSDP).
         self._balora_ref_state = self._balora_full_reference()
         try:
-            super().save_model(output_dir, _internal_call=_internal_call)
+            with distributed.full_state_dict_saving(self.accelerator):  # FSDP: the adapter files are written
+                super().save_model(output_dir, _internal_call=_internal_call)
         finally:
             self._balora_ref_state = None
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -39,6 +39,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kill-after", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--ref-model", action="store_true")
+    p.add_argument("--host-only", action="store_true", help="the plain Trainer without BA-LoRA (a control)")
     return p.parse_args(argv)
 
 
@@ -47,9 +48,27 @@ def configure_cpu_deepspeed() -> None:
     backend lookup knows only accelerators), so the Trainer would see one process. Configure the state with gloo
     first and let ``TrainingArguments`` use it (``accelerator_config={"use_configured_state": True}``)."""
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    import deepspeed.comm.torch
     from accelerate import PartialState
 
+    # DeepSpeed's shared-memory all-reduce for CPUs is a C++ op compiled on first use (minutes on 2 cores); gloo's
+    # own all-reduce gives the same sums for these tiny tensors
+    deepspeed.comm.torch.build_shm_op = lambda: None
+
     PartialState(backend="gloo")
+
+
+def configure_cpu_fsdp() -> None:
+    """accelerate (1.13 - 1.15) switches FSDP on only for accelerator process groups (MULTI_GPU, MULTI_XPU, ...),
+    never for MULTI_CPU: on a CPU machine ``TrainingArguments(fsdp=...)`` silently trains DDP. Configure a gloo
+    group and present it as a multi-device one, so the Trainer prepares the model exactly as it does on GPUs
+    (``fully_shard`` / ``FullyShardedDataParallel``, which run on CPU with gloo)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(backend="gloo")
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    assert state.num_processes == int(os.environ.get("WORLD_SIZE", 1))
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -74,6 +93,8 @@ def fsdp_kwargs(version: int) -> dict:
             "version": version,
             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
             "state_dict_type": "FULL_STATE_DICT" if version == 1 else "SHARDED_STATE_DICT",
+            # FSDP1's broadcast of rank 0's weights looks up a GPU; every rank builds the same model anyway
+            "sync_module_states": False,
         },
     }
 
@@ -95,7 +116,10 @@ def token_rows(n: int = 32):
 def with_labels(rows):
     """The same rows for the plain Trainer: ``labels`` = the ids, -100 on the prompt (TRL's collator does this)."""
     return [
-        {"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]}
+        {
+            "input_ids": r["input_ids"],
+            "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])],
+        }
         for r in rows
     ]
 
@@ -119,6 +143,8 @@ def main(argv=None) -> None:
     a = parse(argv)
     if a.engine in ("zero2", "zero3"):
         configure_cpu_deepspeed()
+    elif a.engine.startswith("fsdp"):
+        configure_cpu_fsdp()
     import torch
     from conftest import lora, tiny_llama, tiny_tokenizer
     from torch.utils.data import SequentialSampler
@@ -162,7 +188,7 @@ def main(argv=None) -> None:
             deepspeed=deepspeed_config(int(a.engine[-1])), accelerator_config={"use_configured_state": True}
         )
     elif a.engine.startswith("fsdp"):
-        common.update(use_cpu=True, **fsdp_kwargs(int(a.engine[-1])))
+        common.update(accelerator_config={"use_configured_state": True}, **fsdp_kwargs(int(a.engine[-1])))
     else:
         common.update(use_cpu=True)
     cfg = BALoRAConfig(
@@ -207,20 +233,46 @@ def main(argv=None) -> None:
             args=TrainingArguments(**common),
             train_dataset=with_labels(rows),
             data_collator=collate,
-            callbacks=[balora, Kill()],
+            callbacks=[Kill()] if a.host_only else [balora, Kill()],
         )
-        save = balora.save_model
+        save = trainer.save_model if a.host_only else balora.save_model
+    if a.engine == "fsdp1":
+        # FSDP1's full state dict "offloaded to CPU" for rank 0 alone crashes (SIGSEGV) when the parameters are on
+        # the CPU already — the host alone does (torch 2.13, accelerate 1.15, --host-only). Gather on every rank.
+        import torch.distributed.fsdp as fsdp
+
+        full_config = fsdp.FullStateDictConfig
+        fsdp.FullStateDictConfig = lambda **kw: full_config(offload_to_cpu=False, rank0_only=False)
+        trainer.accelerator.state.fsdp_plugin.state_dict_config = fsdp.FullStateDictConfig()
     if a.resume:
         with torch.no_grad():  # resume must take the reference from the checkpoint, not from memory
             for n, p in model.named_parameters():
                 if f".{REF_ADAPTER}." in n:
                     p.mul_(0.5)
     trainer.train(resume_from_checkpoint=True if a.resume else None)
+    facts = engine_facts(trainer, model)  # after training: the engine's wrapping is in place
     save(os.path.join(a.out, "final"))
     if trainer.args.process_index == 0:
         logs = [h for h in trainer.state.log_history if "loss" in h]
         with open(os.path.join(a.out, "logs.json"), "w", encoding="utf-8") as f:
-            json.dump(logs, f)
+            json.dump({"logs": logs, "facts": facts}, f)
+
+
+def engine_facts(trainer, model) -> dict:
+    """What the run really was (so a test cannot pass on an engine that silently fell back to one process)."""
+    from balora_plugins.core import distributed
+
+    head = model.get_base_model().get_output_embeddings().weight
+    ref_model = getattr(getattr(trainer, "balora", None), "ref_model", None)
+    return {
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+        "zero_stage": distributed.zero_stage(trainer.accelerator),
+        "fsdp_version": distributed.fsdp_version(trainer.accelerator),
+        "head_sharded": distributed.is_sharded(head)
+        or distributed.fsdp1_root(trainer.model_wrapped) is not None,
+        "ref_model": None if ref_model is None else type(ref_model).__name__,
+    }
 
 
 if __name__ == "__main__":

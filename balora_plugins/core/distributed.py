@@ -35,9 +35,17 @@ def is_partitioned(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and hasattr(t, "ds_id")
 
 
+def is_fsdp1_param(t: Any) -> bool:
+    """An original parameter kept by FSDP1 (``use_orig_params``): outside its unit's forward a view of the
+    rank's shard of a flat parameter."""
+    return (
+        isinstance(t, torch.Tensor) and not hasattr(t, "full_tensor") and getattr(t, "_fsdp_flattened", False)
+    )
+
+
 def is_sharded(t: Any) -> bool:
-    """A parameter whose full value this rank does not hold: ZeRO-3 or a DTensor (FSDP2, tensor parallel)."""
-    return is_partitioned(t) or hasattr(t, "full_tensor")
+    """A parameter whose full value this rank may not hold: ZeRO-3, a DTensor (FSDP2, tensor parallel), FSDP1."""
+    return is_partitioned(t) or hasattr(t, "full_tensor") or is_fsdp1_param(t)
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -47,15 +55,11 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def fsdp1_root(model: nn.Module) -> nn.Module | None:
-    """The outermost FSDP1 ``FullyShardedDataParallel`` module around (or inside) ``model``, or None."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:  # torch without distributed
+def fsdp1_root(model: nn.Module | None) -> nn.Module | None:
+    """``model`` when it is an FSDP1 ``FullyShardedDataParallel`` root (the Trainer's wrapped model), else None."""
+    if model is None or type(model).__name__ != "FullyShardedDataParallel":
         return None
-    if isinstance(model, FSDP):
-        return model
-    return next((m for m in model.modules() if isinstance(m, FSDP)), None)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- gathering
@@ -85,14 +89,29 @@ def gathered(
         yield
 
 
+@contextlib.contextmanager
+def unsharded_root(model: nn.Module) -> Iterator[None]:
+    """FSDP1: the root unit's own parameters — those outside every wrapped layer: embeddings, final norm, output
+    head — whole inside the block (FSDP1 frees them after the forward; a backbone forward called directly, as
+    the reference forward is, does not gather them). A collective; a no-op without FSDP1."""
+    root = fsdp1_root(model)
+    if root is None:
+        yield
+        return
+    with root.summon_full_params(root, recurse=False, writeback=False):
+        yield
+
+
 def gathered_copy(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Full, detached copies of sharded ``tensors`` (None and unsharded tensors pass through unchanged).
 
-    Collective for ZeRO-3 parameters and DTensors: every rank must call it. The copies live as long as the caller
-    holds them (one step for the output head) — no full copy is kept by the engine or by BA-LoRA between steps.
+    Collective for ZeRO-3 parameters and DTensors: every rank must call it. FSDP1 parameters are copied as they
+    are: call it inside :func:`unsharded_root`. The copies live as long as the caller holds them (one step for
+    the output head) — no full copy is kept by the engine or by BA-LoRA between steps.
     """
     out: list[torch.Tensor | None] = [
-        t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t for t in tensors
+        t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone() if is_fsdp1_param(t) else t
+        for t in tensors
     ]
     zero3 = [t for t in out if is_partitioned(t)]
     if zero3:
@@ -206,6 +225,28 @@ def check_engine(accelerator: Any, *, task: str) -> None:
                 "parameters, so BA-LoRA cannot switch to its reference adapter or read the frozen output head. "
                 "Set fsdp_config use_orig_params: true (accelerate's default), or use FSDP2 (fsdp_version: 2)."
             )
+
+
+@contextlib.contextmanager
+def full_state_dict_saving(accelerator: Any) -> Iterator[None]:
+    """Inside, an FSDP run saves full state dicts (the recipe TRL and PEFT give for saving an adapter under FSDP).
+
+    With ``state_dict_type: SHARDED_STATE_DICT`` (accelerate's default for FSDP2) ``Trainer.save_model`` writes no
+    adapter at all, so neither the adapter nor BA-LoRA's reference and plain-LoRA export would reach the output
+    folder. The checkpoints' resumable model and optimizer shards keep the configured type; only the adapter
+    files are written from a full state dict (gathered to the main process on CPU).
+    """
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        yield
+        return
+    saved = (plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config)
+    plugin.state_dict_config = plugin.optim_state_dict_config = None
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        yield
+    finally:
+        plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = saved
 
 
 def prepare_reference_model(ref_model: nn.Module, accelerator: Any) -> nn.Module:

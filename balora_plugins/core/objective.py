@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import BALoRAConfig
 from ..functional import valid_position_mask
+from . import distributed
 from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
 from .model import check_reference_head, decoder_of, output_head, validate_model
@@ -278,12 +279,13 @@ class BALoRAObjective:
                 "model's forward, on the model passed to prepare()."
             )
         hidden = self._captured["hidden"]
-        # read the head afresh: FSDP2 swaps the module's parameters after prepare()
-        self.head = output_head(ref.unwrap(model).get_base_model())
         mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
-        # every rank runs the reference forward, rows or not: a collective under ZeRO-3 and FSDP
-        ref_rows = self.reference_hidden(model)[mask] if need_ref else None
+        # every rank reads the head and runs the reference forward, rows or not: collectives under ZeRO-3 and FSDP
+        with distributed.unsharded_root(model):
+            # read the head afresh: FSDP2 swaps the module's parameters after prepare()
+            self.head = output_head(ref.unwrap(model).get_base_model())
+            ref_rows = self.reference_hidden(model)[mask] if need_ref else None
         self._captured = None
         if not bool(mask.any()):
             self._finite("no_valid_rows", torch.tensor(float("nan")), metrics)
