@@ -55,7 +55,7 @@ class BALoRATrainerMixin:
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
-        distributed.check_engine(self.accelerator, task=self.balora.config.task)
+        distributed.check_engine(self.accelerator)
         self.balora.prepare(self.model)
         peft_model, adapter = unwrap(self.model), self.balora.adapter_name
         if self.balora.mode == "model" and has_residual_base(peft_model, adapter):

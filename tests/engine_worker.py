@@ -22,7 +22,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.join(HERE, "cpu_launch")]
+
+from cpu_engines import configure  # noqa: E402
 
 ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp1", "fsdp2")
 
@@ -41,34 +43,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--ref-model", action="store_true")
     p.add_argument("--host-only", action="store_true", help="the plain Trainer without BA-LoRA (a control)")
     return p.parse_args(argv)
-
-
-def configure_cpu_deepspeed() -> None:
-    """On a machine without GPUs accelerate (1.13 - 1.15) never initialises a process group for DeepSpeed (its
-    backend lookup knows only accelerators), so the Trainer would see one process. Configure the state with gloo
-    first and let ``TrainingArguments`` use it (``accelerator_config={"use_configured_state": True}``)."""
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    import deepspeed.comm.torch
-    from accelerate import PartialState
-
-    # DeepSpeed's shared-memory all-reduce for CPUs is a C++ op compiled on first use (minutes on 2 cores); gloo's
-    # own all-reduce gives the same sums for these tiny tensors
-    deepspeed.comm.torch.build_shm_op = lambda: None
-
-    PartialState(backend="gloo")
-
-
-def configure_cpu_fsdp() -> None:
-    """accelerate (1.13 - 1.15) switches FSDP on only for accelerator process groups (MULTI_GPU, MULTI_XPU, ...),
-    never for MULTI_CPU: on a CPU machine ``TrainingArguments(fsdp=...)`` silently trains DDP. Configure a gloo
-    group and present it as a multi-device one, so the Trainer prepares the model exactly as it does on GPUs
-    (``fully_shard`` / ``FullyShardedDataParallel``, which run on CPU with gloo)."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    state = PartialState(backend="gloo")
-    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-    assert state.num_processes == int(os.environ.get("WORLD_SIZE", 1))
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -141,10 +115,7 @@ def collate(rows):
 
 def main(argv=None) -> None:
     a = parse(argv)
-    if a.engine in ("zero2", "zero3"):
-        configure_cpu_deepspeed()
-    elif a.engine.startswith("fsdp"):
-        configure_cpu_fsdp()
+    configure("deepspeed" if a.engine.startswith("zero") else "fsdp" if a.engine.startswith("fsdp") else "")
     import torch
     from conftest import lora, tiny_llama, tiny_tokenizer
     from torch.utils.data import SequentialSampler
@@ -184,11 +155,9 @@ def main(argv=None) -> None:
         disable_tqdm=True,
     )
     if a.engine in ("zero2", "zero3"):
-        common.update(
-            deepspeed=deepspeed_config(int(a.engine[-1])), accelerator_config={"use_configured_state": True}
-        )
+        common.update(deepspeed=deepspeed_config(int(a.engine[-1])))
     elif a.engine.startswith("fsdp"):
-        common.update(accelerator_config={"use_configured_state": True}, **fsdp_kwargs(int(a.engine[-1])))
+        common.update(**fsdp_kwargs(int(a.engine[-1])))
     else:
         common.update(use_cpu=True)
     cfg = BALoRAConfig(
@@ -236,14 +205,10 @@ def main(argv=None) -> None:
             callbacks=[Kill()] if a.host_only else [balora, Kill()],
         )
         save = trainer.save_model if a.host_only else balora.save_model
-    if a.engine == "fsdp1":
-        # FSDP1's full state dict "offloaded to CPU" for rank 0 alone crashes (SIGSEGV) when the parameters are on
-        # the CPU already — the host alone does (torch 2.13, accelerate 1.15, --host-only). Gather on every rank.
-        import torch.distributed.fsdp as fsdp
+    if a.engine == "fsdp1":  # see cpu_launch/cpu_engines.py
+        from torch.distributed.fsdp import FullStateDictConfig
 
-        full_config = fsdp.FullStateDictConfig
-        fsdp.FullStateDictConfig = lambda **kw: full_config(offload_to_cpu=False, rank0_only=False)
-        trainer.accelerator.state.fsdp_plugin.state_dict_config = fsdp.FullStateDictConfig()
+        trainer.accelerator.state.fsdp_plugin.state_dict_config = FullStateDictConfig()
     if a.resume:
         with torch.no_grad():  # resume must take the reference from the checkpoint, not from memory
             for n, p in model.named_parameters():

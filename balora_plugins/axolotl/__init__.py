@@ -6,6 +6,8 @@ Hooks, in the order axolotl calls them:
   fused kernels (see ``args.KERNEL_REASON``).
 * config validation (:class:`~.args.BALoRAArgs`): key types/values, misspelled ``balora_*`` keys,
   ``adapter: lora``, no RL / reward model / ReLoRA, no MLP/embedding LoRA kernels.
+* ``pre_lora_load``: under DeepSpeed ZeRO-3, keeps the DeepSpeed config registered so PEFT's PiSSA init gathers
+  the partitioned base weights (axolotl drops it after loading the model).
 * ``post_lora_load``: validates the PEFT model and adds the frozen snapshot of the initial (PiSSA) adapter.
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
 * ``get_trainer_cls`` / ``post_trainer_create``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT
@@ -22,6 +24,7 @@ try:
     from axolotl.integrations.base import BasePlugin
     from axolotl.utils.logging import get_logger
 
+    from ..core.distributed import zero3_config_for_adapter_init
     from ..core.objective import BALoRAObjective
     from ..core.reference import REF_ADAPTER, has_residual_base, unwrap
     from .args import KERNEL_KEYS, KERNEL_REASON, BALoRAArgs, balora_config_from_cfg, plugin_listed
@@ -43,6 +46,7 @@ class BALoRAPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._trainer = None
+        self._zero3_config = None  # transformers keeps only a weak reference to it
 
     def get_input_args(self) -> str:
         return "balora_plugins.axolotl.args.BALoRAArgs"
@@ -56,6 +60,12 @@ class BALoRAPlugin(BasePlugin):
             cfg[key] = False
         if unset:
             LOG.warning("BA-LoRA: %s set to false (%s).", ", ".join(unset), KERNEL_REASON)
+
+    def pre_lora_load(self, cfg, model):
+        if plugin_listed(
+            cfg
+        ):  # DeepSpeed ZeRO-3: PEFT's PiSSA init must see the partitioned base weights whole
+            self._zero3_config = zero3_config_for_adapter_init(cfg.deepspeed, model)
 
     def post_lora_load(self, cfg, model):
         if not plugin_listed(cfg):

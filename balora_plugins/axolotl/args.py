@@ -118,6 +118,14 @@ def check_host_settings(data: Mapping[str, Any]) -> None:
             "relora=True: ReLoRA merges and re-initialises the adapter during training, which invalidates "
             "BA-LoRA's frozen initial-adapter reference. Remove `relora`."
         )
+    for key in ("context_parallel_size", "sequence_parallel_degree"):
+        if (data.get(key) or 1) > 1:
+            raise ValueError(
+                f"{key}={data[key]!r}: each rank then holds a slice of every sequence, while BA-LoRA's reference "
+                "forward runs the whole backbone outside axolotl's sequence-parallel attention and its SVD term "
+                f"needs whole micro-batches. Remove `{key}`; shard the model with `deepspeed:` (ZeRO-3) or "
+                "`fsdp_config:` instead."
+            )
     on = [k for k in UNVERIFIED_KERNELS if data.get(k)]
     if on:
         raise ValueError(

@@ -90,16 +90,30 @@ def gathered(
 
 
 @contextlib.contextmanager
-def unsharded_root(model: nn.Module) -> Iterator[None]:
-    """FSDP1: the root unit's own parameters — those outside every wrapped layer: embeddings, final norm, output
-    head — whole inside the block (FSDP1 frees them after the forward; a backbone forward called directly, as
-    the reference forward is, does not gather them). A collective; a no-op without FSDP1."""
+def unsharded_root(model: nn.Module, *, fsdp2: bool = True) -> Iterator[None]:
+    """The root FSDP unit's own parameters — those outside every wrapped layer: embeddings, final norm, output
+    head — whole inside the block. FSDP1 always frees them after the forward, FSDP2 with
+    ``reshard_after_forward`` too, and a backbone forward called directly (the reference forward) does not
+    gather them. FSDP1: ``summon_full_params``; FSDP2 (``fsdp2=True``): ``unshard()`` and ``reshard()`` again,
+    when they are sharded. A collective; a no-op for other engines.
+    """
     root = fsdp1_root(model)
-    if root is None:
+    if root is not None:
+        with root.summon_full_params(root, recurse=False, writeback=False):
+            yield
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if not (
+        fsdp2 and hasattr(model, "unshard") and hasattr(getattr(embeddings, "weight", None), "full_tensor")
+    ):
         yield
         return
-    with root.summon_full_params(root, recurse=False, writeback=False):
+    model.unshard()
+    try:
         yield
+    finally:
+        model.reshard()
 
 
 def gathered_copy(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -184,6 +198,25 @@ def load_adapter_state(
     return True
 
 
+def zero3_config_for_adapter_init(config: Any, model: nn.Module) -> Any:
+    """A registered DeepSpeed config while PEFT initialises adapters on a ZeRO-3-partitioned model, or None.
+
+    PEFT gathers a partitioned base weight for PiSSA's SVD only when transformers reports ZeRO-3
+    (``is_deepspeed_zero3_enabled``, which reads a *weak* reference to the live ``HfDeepSpeedConfig``). axolotl
+    0.19 - 0.21 loads the model partitioned but drops its config object before the LoRA adapter is created, so
+    PiSSA would factorise empty placeholders. The caller keeps the returned object alive for the run.
+    """
+    if not config or not any(is_partitioned(p) for p in model.parameters()):
+        return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config.to_dict() if hasattr(config, "to_dict") else config)
+
+
 # ---------------------------------------------------------------------------------------------- engines
 def zero_stage(accelerator: Any) -> int | None:
     """The DeepSpeed ZeRO stage of a run prepared by ``accelerator`` (None without DeepSpeed)."""
@@ -199,32 +232,58 @@ def fsdp_version(accelerator: Any) -> int | None:
     return None if plugin is None else int(getattr(plugin, "fsdp_version", 1) or 1)
 
 
-def check_engine(accelerator: Any, *, task: str) -> None:
-    """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (see README, Multi-GPU)."""
+def check_engine(accelerator: Any) -> None:
+    """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (README, "Multi-GPU").
+
+    Every message names the engine, the setting and what to use instead.
+    """
     stage = zero_stage(accelerator)
     if stage == 3:
-        cfg = accelerator.state.deepspeed_plugin.deepspeed_config
-        zero = cfg.get("zero_optimization", {})
-        gather = zero.get(
-            "stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save", False)
-        )
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        key = "stage3_gather_16bit_weights_on_model_save"
+        gather = zero.get(key, zero.get("gather_16bit_weights_on_model_save", False))
         if str(gather).lower() != "true":
             raise ValueError(
-                "DeepSpeed ZeRO-3 with zero_optimization.stage3_gather_16bit_weights_on_model_save="
-                f"{gather!r}: the trainer then saves no adapter weights (only DeepSpeed's sharded checkpoint), so "
-                "BA-LoRA's plain_lora/ export and a resumable reference have nothing to read. Set "
-                '"stage3_gather_16bit_weights_on_model_save": true in the DeepSpeed config (axolotl\'s bundled '
-                "zero3*.json do), or train with ZeRO-2."
+                f"DeepSpeed ZeRO-3 with zero_optimization.{key}={gather!r}: the trainer then saves no adapter weights "
+                "(only DeepSpeed's sharded checkpoint), so BA-LoRA's plain_lora/ export has nothing to read. Set "
+                f'"{key}": true in the DeepSpeed config (axolotl\'s bundled zero3*.json do), or use ZeRO-2.'
             )
-    version = fsdp_version(accelerator)
-    if version == 1 and task == "nlg":
+    if fsdp_version(accelerator) == 1:
         plugin = accelerator.state.fsdp_plugin
-        if not getattr(plugin, "use_orig_params", True):
+        if str(getattr(plugin, "use_orig_params", True)).lower() == "false":
             raise ValueError(
-                "FSDP1 with fsdp_use_orig_params=false: the LoRA modules' parameters are replaced by flat "
-                "parameters, so BA-LoRA cannot switch to its reference adapter or read the frozen output head. "
-                "Set fsdp_config use_orig_params: true (accelerate's default), or use FSDP2 (fsdp_version: 2)."
+                "FSDP1 with use_orig_params=false: the LoRA layers' parameters become flat shards, so BA-LoRA can "
+                "neither switch to its reference adapter nor save it. Set fsdp_config use_orig_params: true "
+                "(accelerate's default), or use FSDP2 (fsdp_version: 2)."
             )
+        peft = _version("peft")
+        if peft is not None and peft >= (0, 21):
+            raise ValueError(
+                f"FSDP1 (fsdp_version: 1) with PEFT {'.'.join(map(str, peft))}: PEFT 0.21 saves an empty adapter "
+                "under FSDP1 (it matches the adapter's keys against module names that still carry FSDP1's wrapper "
+                "prefix), so the trained adapter and BA-LoRA's plain_lora/ export would be lost. Use FSDP2 "
+                "(fsdp_version: 2), DeepSpeed, or PEFT 0.20."
+            )
+    parallel = getattr(accelerator, "parallelism_config", None)
+    for flag, name in (
+        ("cp_enabled", "context parallelism (cp_size)"),
+        ("sp_enabled", "sequence parallelism"),
+    ):
+        if getattr(parallel, flag, False):
+            raise ValueError(
+                f"{name} > 1: each rank then holds a slice of every sequence, while BA-LoRA's reference forward runs "
+                "the whole backbone outside the host's sequence-sharding context and its SVD term needs whole "
+                "micro-batches. Shard the model instead (DeepSpeed ZeRO-3 or FSDP2) and keep cp_size/sp_size at 1."
+            )
+
+
+def _version(package: str) -> tuple[int, ...] | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(x) for x in version(package).split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

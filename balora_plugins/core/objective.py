@@ -281,10 +281,12 @@ class BALoRAObjective:
         hidden = self._captured["hidden"]
         mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
-        # every rank reads the head and runs the reference forward, rows or not: collectives under ZeRO-3 and FSDP
-        with distributed.unsharded_root(model):
-            # read the head afresh: FSDP2 swaps the module's parameters after prepare()
+        # Every rank reads the head and runs the reference forward, rows or not: collectives under ZeRO-3 and FSDP.
+        # The head is read afresh (FSDP2 swaps the module's parameters after prepare()); a sharded head is copied
+        # whole for the step while its parameter stays the Gram-factor cache's key (FSDP1: its root unit gathered).
+        with distributed.unsharded_root(model, fsdp2=False):
             self.head = output_head(ref.unwrap(model).get_base_model())
+        with distributed.unsharded_root(model):
             ref_rows = self.reference_hidden(model)[mask] if need_ref else None
         self._captured = None
         if not bool(mask.any()):
