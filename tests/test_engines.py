@@ -68,12 +68,18 @@ def assert_same_run(got, want) -> None:
 def one_process(tmp_path_factory):
     """The reference: one process, 2 rows × 2 accumulation steps per step (the same global batch)."""
     out = tmp_path_factory.mktemp("one") / "run"
-    run(out, "--ga", "2", nproc=1)
+    logs = run(out, "--ga", "2", nproc=1)["logs"]
     result = saved(out)
     trained, initial = result[FILES[0]], result[FILES[1]]
     moved = max((trained[k] - initial[k]).abs().max().item() for k in trained)
     assert moved > 1e-2, "the adapter did not train: the comparisons would be vacuous"
-    return result
+    return {**result, "losses": [h["loss"] for h in logs]}
+
+
+def assert_resumed(logs: list[dict], one_process: dict) -> None:
+    """Steps 1-2 come from the checkpoint's state, steps 3-4 were trained after resuming, with the same losses."""
+    assert [h["step"] for h in logs] == [1, 2, 3, 4]
+    assert [h["loss"] for h in logs[2:]] == pytest.approx(one_process["losses"][2:], rel=1e-5)
 
 
 def check_facts(facts: dict, *, engine: str, ref_model: str | None = None) -> None:
@@ -127,7 +133,7 @@ def test_zero3_killed_and_resumed_ends_where_one_process_ends(one_process, tmp_p
         torch.testing.assert_close(ref[k], v, rtol=0, atol=0)
     result = run(out, "--engine", "zero3", "--save-steps", "2", "--resume")
     check_facts(result["facts"], engine="zero3")
-    assert [h["step"] for h in result["logs"]] == [3, 4]
+    assert_resumed(result["logs"], one_process)
     assert_same_run(saved(out), one_process)
 
 
@@ -146,7 +152,7 @@ def test_fsdp2_trl_killed_and_resumed_ends_where_one_process_ends(one_process, t
     ).is_file()
     result = run(out, "--engine", "fsdp2", "--door", "trl", "--save-steps", "2", "--resume")
     check_facts(result["facts"], engine="fsdp2")
-    assert [h["step"] for h in result["logs"]] == [3, 4]
+    assert_resumed(result["logs"], one_process)
     assert_same_run(saved(out), one_process)
 
 

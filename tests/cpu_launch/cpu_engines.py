@@ -4,8 +4,8 @@ accelerate (1.13 - 1.15) sets up DeepSpeed and FSDP only on accelerator devices:
 a process group for DeepSpeed (its backend lookup knows GPUs, XPUs, NPUs, ...), so the Trainer sees one process,
 and it switches FSDP on only for multi-device groups, so ``TrainingArguments(fsdp=...)`` silently trains DDP.
 :func:`configure` starts the gloo group first and describes it as accelerate would on GPUs, again whenever a
-host resets accelerate's state (the Trainer and axolotl do). Everything else — how the Trainer wraps, shards,
-saves and resumes the model — is the host's own code.
+host resets accelerate's state (the Trainer and axolotl do), and patches the few places where the hosts hard-code
+a GPU. Everything else — how the Trainer wraps, shards, saves and resumes the model — is the host's own code.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ def configure(engine: str) -> None:
 
     if engine == "deepspeed":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        import deepspeed.comm.torch
+        import importlib
 
         # DeepSpeed's shared-memory all-reduce for CPUs is a C++ op compiled on first use (minutes on 2 cores);
-        # gloo's own all-reduce computes the same sums
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        # gloo's own all-reduce computes the same sums. (`deepspeed.comm.torch` as an attribute is the torch package.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     else:
         _fsdp_on_cpu()
     _state(engine)
+    _axolotl_on_cpu()
     reset = AcceleratorState._reset_state
 
     def reset_and_configure(reset_partial_state: bool = False) -> None:
@@ -60,3 +61,20 @@ def _fsdp_on_cpu() -> None:
 
     build = ParallelismConfig.build_device_mesh
     ParallelismConfig.build_device_mesh = lambda self, device_type: build(self, "cpu")
+
+
+def _axolotl_on_cpu() -> None:
+    """axolotl (0.19 - 0.21) places each rank's model on accelerator ``LOCAL_RANK`` (``device_map: {"": rank}``,
+    set after the YAML is read); on CPU processes the model stays on the CPU."""
+    try:
+        import axolotl.utils.config as config
+    except ImportError:
+        return
+    normalize = config.normalize_config
+
+    def normalize_on_cpu(cfg):
+        normalize(cfg)
+        if isinstance(cfg.device_map, dict):
+            cfg.device_map = {"": "cpu"}
+
+    config.normalize_config = normalize_on_cpu
