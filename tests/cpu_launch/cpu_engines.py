@@ -78,3 +78,8 @@ def _axolotl_on_cpu() -> None:
             cfg.device_map = {"": "cpu"}
 
     config.normalize_config = normalize_on_cpu
+    # axolotl 0.21 asks CUDA whether ranks 0 and 1 can access each other's memory; a CUDA build of torch without
+    # a driver raises instead of answering
+    import axolotl.utils.environment as environment
+
+    environment.check_cuda_p2p_support = lambda: True
