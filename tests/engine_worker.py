@@ -62,9 +62,10 @@ def deepspeed_config(stage: int) -> dict:
 
 def fsdp_kwargs(version: int) -> dict:
     return {
-        "fsdp": "full_shard auto_wrap",
+        "fsdp": True,
         "fsdp_config": {
             "version": version,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
             "state_dict_type": "FULL_STATE_DICT" if version == 1 else "SHARDED_STATE_DICT",
             # FSDP1's broadcast of rank 0's weights looks up a GPU; every rank builds the same model anyway

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-pytestmark = [pytest.mark.axolotl, pytest.mark.slow]
+pytestmark = pytest.mark.axolotl
 pytest.importorskip("axolotl")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,7 @@ def check_pissa_init(workdir: Path) -> None:
     assert checked == 2 * 7, checked  # 2 layers × 7 projections
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_axolotl_train_on_two_cpu_processes(engine, tmp_path):
     overrides, launch = ENGINES[engine]
@@ -137,3 +138,12 @@ def test_axolotl_train_on_two_cpu_processes(engine, tmp_path):
     assert run_tiny._digest(tmp_path / "tiny-llama") == base_digest, "the base checkpoint was modified"
     assert run_tiny.check_export(tmp_path) < 1e-4
     check_pissa_init(tmp_path)  # ZeRO-3 loads the model partitioned: PiSSA must have factorised whole weights
+
+
+@pytest.mark.parametrize("key", ["context_parallel_size", "sequence_parallel_degree"])
+def test_sequence_sharding_is_refused_at_validation(key):
+    from balora_plugins.axolotl.args import PLUGIN, check_host_settings
+
+    check_host_settings({"plugins": [PLUGIN], "adapter": "lora", key: 1})
+    with pytest.raises(ValueError, match=rf"{key}=2: .*Remove `{key}`"):
+        check_host_settings({"plugins": [PLUGIN], "adapter": "lora", key: 2})
