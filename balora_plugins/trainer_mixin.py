@@ -57,19 +57,32 @@ class BALoRATrainerMixin:
         }
         distributed.check_engine(self.accelerator)
         self.balora.prepare(self.model)
+        self._balora_keep_initial()
+        if ref_model is not None:
+            self.balora.ref_model = self._balora_placed(ref_model)
+
+    def _balora_keep_initial(self) -> None:
+        """reference='model' adds no snapshot adapter, but the plain-LoRA export of a PiSSA-type adapter needs its
+        step-0 weights: keep a CPU copy (the rank-r factors), written as balora_ref/ with every save. Kept across a
+        callback's detach/attach, which must not take the trained weights for the initial ones."""
         peft_model, adapter = unwrap(self.model), self.balora.adapter_name
-        if self.balora.mode == "model" and has_residual_base(peft_model, adapter):
-            # reference='model' adds no snapshot adapter, but the plain-LoRA export of a PiSSA-type adapter needs
-            # its step-0 weights: a CPU copy (the rank-r factors), written as balora_ref/ with every save. Kept
-            # across a callback's detach/attach, which must not take the trained weights for the initial ones.
-            if getattr(self, "_balora_initial", None) is None:
-                self._balora_initial = distributed.full_adapter_state(
-                    peft_model, adapter, wrapped=self.model, always=True
-                )
-        if (
-            ref_model is not None
-        ):  # placed like TRL places its reference model (DeepSpeed: an inference engine)
-            self.balora.ref_model = distributed.prepare_reference_model(ref_model, self.accelerator)
+        if self.balora.mode != "model" or not has_residual_base(peft_model, adapter):
+            return
+        if getattr(self, "_balora_initial", None) is None:
+            self._balora_initial = distributed.full_adapter_state(
+                peft_model, adapter, wrapped=self.model, always=True
+            )
+
+    def _balora_placed(self, ref_model):
+        """``ref_model`` placed like TRL places its own reference model (DeepSpeed: an inference engine, sharded
+        under ZeRO-3); once per model, since a callback attaches again to save."""
+        placed = getattr(self, "_balora_placed_ref", None)
+        if placed is None or placed[0] is not ref_model:
+            placed = self._balora_placed_ref = (
+                ref_model,
+                distributed.prepare_reference_model(ref_model, self.accelerator),
+            )
+        return placed[1]
 
     # ------------------------------------------------------------------ guard against silent overwrites
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):

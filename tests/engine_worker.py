@@ -229,7 +229,8 @@ def engine_facts(trainer, model) -> dict:
     from balora_plugins.core import distributed
 
     head = model.get_base_model().get_output_embeddings().weight
-    ref_model = getattr(getattr(trainer, "balora", None), "ref_model", None)
+    placed = getattr(trainer, "_balora_placed_ref", None)  # the explicit ref_model as the run placed it
+    ref_model = None if placed is None else placed[1]
     return {
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],

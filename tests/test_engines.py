@@ -106,22 +106,25 @@ def test_zero2_callback_matches_one_process(one_process, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.engines
-def test_zero3_trl_with_a_ref_model_matches_one_process(one_process, tmp_path):
-    """ZeRO-3 through BALoRASFTTrainer with an explicit ref_model: the head is partitioned (gathered per step), the
+def test_zero3_callback_with_a_ref_model_matches_one_process(one_process, tmp_path):
+    """ZeRO-3 through BALoRACallback with an explicit ref_model: the head is partitioned (gathered per step), the
     reference model is a DeepSpeed inference engine sharded like the trained model (as TRL prepares its reference),
-    and the step-0 adapter is kept for the export. The pre-trained base as reference = the snapshot reference."""
+    placed once although the callback attaches again to save, and the step-0 adapter is kept for the export. The
+    pre-trained base as reference = the snapshot reference."""
     pytest.importorskip("deepspeed")
-    result = run(tmp_path / "run", "--engine", "zero3", "--door", "trl", "--ref-model")
+    result = run(tmp_path / "run", "--engine", "zero3", "--ref-model")
     check_facts(result["facts"], engine="zero3", ref_model="DeepSpeedEngine")
     assert_same_run(saved(tmp_path / "run"), one_process)
 
 
 @pytest.mark.slow
 @pytest.mark.engines
-def test_zero3_killed_and_resumed_ends_where_one_process_ends(one_process, tmp_path):
+def test_zero3_trl_killed_and_resumed_ends_where_one_process_ends(one_process, tmp_path):
+    """BALoRASFTTrainer under ZeRO-3, killed after its step-2 checkpoint: DeepSpeed's checkpoint holds no frozen
+    weight, so the resumed run must take the reference snapshot from the checkpoint's balora_ref/."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    run(out, "--engine", "zero3", "--save-steps", "2", "--kill-after", "2")
+    run(out, "--engine", "zero3", "--door", "trl", "--save-steps", "2", "--kill-after", "2")
     ckpt = out / "checkpoint-2"
     assert (ckpt / "global_step2").is_dir() and not (
         out / "final"
@@ -131,7 +134,7 @@ def test_zero3_killed_and_resumed_ends_where_one_process_ends(one_process, tmp_p
     ref = load_file(ckpt / "balora_ref" / "adapter_model.safetensors")  # gathered from the partitions
     for k, v in one_process[FILES[1]].items():
         torch.testing.assert_close(ref[k], v, rtol=0, atol=0)
-    result = run(out, "--engine", "zero3", "--save-steps", "2", "--resume")
+    result = run(out, "--engine", "zero3", "--door", "trl", "--save-steps", "2", "--resume")
     check_facts(result["facts"], engine="zero3")
     assert_resumed(result["logs"], one_process)
     assert_same_run(saved(out), one_process)

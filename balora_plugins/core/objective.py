@@ -119,7 +119,8 @@ class BALoRAObjective:
             self.num_classes = int(base.config.num_labels)
             self.config.check_num_classes(self.num_classes)
         if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
+            self.ref_model.eval()  # (a DeepSpeed engine's eval() returns None)
+            self.ref_model.requires_grad_(False)
             if self.config.task == "nlg":
                 check_reference_head(self.head, self.ref_model)
         return self
