@@ -99,26 +99,12 @@ def with_labels(rows):
     ]
 
 
-def collate(rows):
-    import torch
-
-    t = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), t, dtype=torch.long)
-    labels = torch.full((len(rows), t), -100)
-    attn = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        attn[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
-
-
 def main(argv=None) -> None:
     a = parse(argv)
     configure("deepspeed" if a.engine.startswith("zero") else "fsdp" if a.engine.startswith("fsdp") else "")
     import torch
     from conftest import lora, tiny_llama, tiny_tokenizer
+    from dist_worker import collate
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
