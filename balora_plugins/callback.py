@@ -8,13 +8,18 @@ handle on its trainer — like transformers' ``JITCheckpointCallback.set_trainer
 callback — and swaps *that instance's* class for a subclass with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`
 in front (:func:`~balora_plugins.trainer_mixin.mix_into`). The regularizer is then part of the loss the Trainer
 backpropagates, scaled like its own loss; the metrics reach ``log_history`` and every ``report_to`` backend;
-checkpoints carry the reference; resume restores it. ``on_train_end`` swaps the class back and removes the
-hidden-state hook.
+checkpoints carry the reference; resume restores it. The class stays swapped after ``train()``, so the usual
+``trainer.save_model()`` writes the BA-LoRA artefacts and ``trainer.evaluate()`` reports the terms;
+:meth:`BALoRACallback.detach` gives the trainer its own class back.
 
-Getting the handle: ``Trainer.__init__`` fires ``on_init_end`` on the callbacks it was given, with the Trainer
-on the call stack; the callback takes the frame whose ``self`` is a ``Trainer`` holding this very callback. That
-is before ``train()`` loads a checkpoint, so resuming restores the reference from it. A callback added after
-construction (``trainer.add_callback``) never sees ``on_init_end``: write ``BALoRACallback(cfg).attach(trainer)``.
+Getting the handle: transformers 5.16 – 5.24 offer a callback none (``CallbackHandler`` passes the model,
+processing class, optimizer, scheduler and dataloaders, never the trainer; ``set_trainer`` is called only on
+transformers' own ``JITCheckpointCallback``). ``Trainer.__init__`` fires ``on_init_end`` on the callbacks it was
+given, with the Trainer on the call stack; the callback takes the frame whose ``self`` is a ``Trainer`` holding
+this very callback. That is before ``train()`` loads a checkpoint, so resuming restores the reference from it. If a
+transformers release fires ``on_init_end`` differently and no such frame exists, the callback raises there and
+then instead of letting the Trainer train without the terms. A callback added after construction
+(``trainer.add_callback``) never sees ``on_init_end``: write ``BALoRACallback(cfg).attach(trainer)``.
 
 Host losses: the mixin wraps ``Trainer.compute_loss`` whole, so a ``compute_loss_func`` or label smoothing keeps
 computing the task loss (the labels it pops are restored for BA-LoRA) and the regularizer follows the scaling
@@ -27,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import transformers
 from transformers import Trainer, TrainerCallback
 
 from .config import BALoRAConfig
@@ -38,6 +44,12 @@ _NOT_ATTACHED = (
     "BALoRACallback has no trainer: it was added after the Trainer was built (trainer.add_callback), so it never "
     "saw Trainer.__init__. Write `BALoRACallback(config).attach(trainer)` before trainer.train() instead (attach "
     "also registers the callback)."
+)
+_NOT_FOUND = (
+    "BALoRACallback got on_init_end but found no Trainer holding it on the call stack: transformers {version} "
+    "builds its Trainer differently from 5.16 - 5.24, where Trainer.__init__ fires on_init_end itself. Rather than "
+    "let the Trainer train without the BA-LoRA terms, the callback stops here. Build the Trainer without it and "
+    "call `BALoRACallback(config).attach(trainer)` before trainer.train()."
 )
 
 
@@ -100,10 +112,11 @@ class BALoRACallback(TrainerCallback):
         return self
 
     def detach(self) -> None:
-        """Give the trainer its own class back and remove the hidden-state hook (done at the end of training).
+        """Give the trainer its own class back and remove the hidden-state hook.
 
-        The frozen ``balora_ref`` adapter stays in the model: a later ``save_model`` writes it beside the adapter,
-        where :func:`~balora_plugins.core.export.export_plain_lora` finds it.
+        Not done by ``train()``: after training the trainer keeps BA-LoRA, so ``trainer.save_model()`` writes the
+        BA-LoRA artefacts. After ``detach`` the frozen ``balora_ref`` adapter stays in the model and
+        :meth:`save_model` still writes everything; a ``train()`` attaches again.
         """
         trainer, host = self.trainer, self._host_cls
         if trainer is None or host is None:
@@ -115,10 +128,11 @@ class BALoRACallback(TrainerCallback):
         self._host_cls = None
 
     def save_model(self, output_dir: str | None = None) -> None:
-        """``trainer.save_model(output_dir)`` with the BA-LoRA extras, also after ``train()`` has detached us.
+        """``trainer.save_model(output_dir)`` with the BA-LoRA extras, also after :meth:`detach`.
 
-        Writes the adapter, ``balora_config.json``, the initial adapter in ``balora_ref/`` and, for PiSSA-like
-        inits, ``plain_lora/`` (a plain LoRA adapter that serves on the untouched base model).
+        Writes the artefact users serve (README "What you get after training"): the adapter that loads with
+        plain PEFT on the untouched base model at the root, ``balora_config.json``, the model card and, for
+        PiSSA-like inits, the trainable form with its initial adapter in ``balora_resume/``.
         """
         if self.trainer is None:
             raise RuntimeError(_NOT_ATTACHED)
@@ -145,16 +159,19 @@ class BALoRACallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
-        if trainer is not None:
-            self.attach(trainer)  # refuses a second trainer
+        if trainer is None:
+            raise RuntimeError(_NOT_FOUND.format(version=transformers.__version__))
+        self.attach(trainer)  # refuses a second trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
             raise RuntimeError(_NOT_ATTACHED)
-        if self._host_cls is None:  # a second train() call: the first one's on_train_end detached us
+        if self._host_cls is None:  # detached since: attach again
             self.attach(self.trainer)
         else:  # model_init builds a new model inside train(); prepare() is idempotent for the same model
             self.trainer.balora.prepare(self.trainer.model)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.detach()
+        # Stay attached (save_model, evaluate); only drop the last forward's captured tensors.
+        if self._host_cls is not None:
+            self.trainer.balora.release_capture()

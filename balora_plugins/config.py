@@ -20,10 +20,30 @@ CONFIG_NAME = "balora_config.json"
 TASKS = ("nlg", "nlu")
 FORMULATIONS = ("iclr2026", "v5")
 SVD_NORMS = ("auto", "frobenius", "nuclear")
-CONSISTENCY_SCHEDULES = ("constant", "cosine")
-REGULARIZER_SCHEDULES = ("constant", "warmup")
+CONSISTENCY_SCHEDULES = ("constant", "cosine", "adaptive")
+REGULARIZER_SCHEDULES = ("constant", "warmup", "linear_warmup", "quadratic_warmup")
 REFERENCES = ("auto", "adapter_snapshot", "disabled_adapter", "model")
 ON_NONFINITE = ("skip", "raise")
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "task": TASKS,
+    "formulation": FORMULATIONS,
+    "svd_norm": SVD_NORMS,
+    "consistency_schedule": CONSISTENCY_SCHEDULES,
+    "regularizer_schedule": REGULARIZER_SCHEDULES,
+    "reference": REFERENCES,
+    "on_nonfinite": ON_NONFINITE,
+}
+"""The fields that take one of a fixed set of strings, and that set (for generated argument parsers)."""
+
+
+_PRESET_DEFAULT = (
+    " Default: the value of the preset matching `task` and `formulation` (see README, Configuration)."
+)
+
+
+def default_preset(task: str, formulation: str) -> str:
+    """The preset whose values a config of this ``task`` and ``formulation`` takes for every unset field."""
+    return f"{formulation}-{task}"
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -35,7 +55,10 @@ class BALoRAConfig:
     """Configuration of the BA-LoRA regularizers.
 
     Total loss ``L = L_task + λ1·L_CR + λ2·L_DR + λ3·L_SVD`` (docs/method.md §3). Build one with
-    ``BALoRAConfig(...)`` or ``BALoRAConfig.from_preset("iclr2026-nlg", **overrides)``.
+    ``BALoRAConfig(...)`` or ``BALoRAConfig.from_preset("iclr2026-nlg", **overrides)``. The weights, k, K, T, the
+    SVD norm and the schedules you do not set take the values of the preset matching ``task`` and
+    ``formulation`` (``BALoRAConfig(task="nlu")`` is the ``iclr2026-nlu`` preset, ``BALoRAConfig()`` the
+    ``iclr2026-nlg`` one, schedules included).
     """
 
     task: str = _help(
@@ -46,42 +69,72 @@ class BALoRAConfig:
         "or `v5` (paper v1-v5: plain KL / MSE, full entropy, nuclear-normalised SVD).",
         default="iclr2026",
     )
-    lambda_consistency: float = _help("λ1, weight of the consistency term L_CR.", default=0.025)
-    lambda_diversity: float = _help("λ2, weight of the diversity term L_DR.", default=0.005)
-    lambda_svd: float = _help("λ3, weight of the SVD term L_SVD.", default=0.005)
-    svd_top_k: int = _help("k, the number of top singular values the SVD term concentrates on.", default=10)
+    # The fields below default to None = "the value of the preset matching task and formulation" (filled in
+    # __post_init__, see PRESET_FIELDS): BALoRAConfig(task="nlu") is the iclr2026-nlu preset, not NLG weights.
+    lambda_consistency: float = _help(
+        "λ1, weight of the consistency term L_CR." + _PRESET_DEFAULT, default=None
+    )
+    lambda_diversity: float = _help("λ2, weight of the diversity term L_DR." + _PRESET_DEFAULT, default=None)
+    lambda_svd: float = _help("λ3, weight of the SVD term L_SVD." + _PRESET_DEFAULT, default=None)
+    svd_top_k: int = _help(
+        "k, the number of top singular values the SVD term concentrates on." + _PRESET_DEFAULT, default=None
+    )
     diversity_top_k: int = _help(
-        "K, the entropy (NLG) uses the K largest logits of each position, renormalised; 0 = full vocabulary.",
-        default=20,
+        "K, the entropy (NLG) uses the K largest logits of each position, renormalised; 0 = full vocabulary."
+        + _PRESET_DEFAULT,
+        default=None,
     )
     temperature: float = _help(
-        "T of the consistency KL (the loss is T²·KL of the tempered softmaxes).", default=2.0
+        "T of the consistency KL (the loss is T²·KL of the tempered softmaxes)." + _PRESET_DEFAULT,
+        default=None,
     )
     svd_norm: str = _help(
         "Denominator of the SVD share: `frobenius` (‖Z‖_F), `nuclear` (Σσ) or `auto` "
-        "(iclr2026: frobenius for nlg, nuclear for nlu; v5: nuclear).",
-        default="auto",
+        "(iclr2026: frobenius for nlg, nuclear for nlu; v5: nuclear)." + _PRESET_DEFAULT,
+        default=None,
     )
     consistency_schedule: str = _help(
-        "`constant`, or `cosine`: λ1 decays by a cosine from λ1 to cosine_final_ratio·λ1 over training.",
-        default="constant",
+        "`constant`; `cosine`: λ1 decays by a cosine from λ1 to cosine_final_ratio·λ1 over training; or "
+        "`adaptive`: per micro-batch, λ1 = lambda_consistency_min + (lambda_consistency_max − "
+        "lambda_consistency_min)·c with c = 1 − H/log|V| the confidence of the reference (H: its mean "
+        "tempered entropy over the valid rows), so a confident reference pulls harder." + _PRESET_DEFAULT,
+        default=None,
     )
     cosine_final_ratio: float = _help("Final fraction of λ1 under the cosine schedule.", default=0.1)
+    lambda_consistency_min: float | None = _help(
+        "λ1 for a uniform (least confident) reference under the adaptive schedule; None = "
+        "0.1·lambda_consistency.",
+        default=None,
+    )
+    lambda_consistency_max: float | None = _help(
+        "λ1 for a one-hot (fully confident) reference under the adaptive schedule; None = lambda_consistency.",
+        default=None,
+    )
     regularizer_schedule: str = _help(
-        "`constant`, or `warmup`: λ2 and λ3 are 0 for the first warmup_start of training, "
-        "then ramp linearly to full value over the next warmup_ramp.",
-        default="constant",
+        "`constant`; `warmup`: λ2 and λ3 are 0 for the first warmup_start of training, then ramp linearly "
+        "to full value over the next warmup_ramp; `linear_warmup` / `quadratic_warmup`: they rise from 0 as "
+        "(progress/warmup_start) or its square over the first warmup_start of training." + _PRESET_DEFAULT,
+        default=None,
     )
     warmup_start: float = _help(
-        "Fraction of training during which λ2 = λ3 = 0 (warmup schedule).", default=0.2
+        "Fraction of training during which λ2 = λ3 = 0 (warmup), or over which they rise "
+        "(linear_warmup, quadratic_warmup).",
+        default=0.2,
     )
     warmup_ramp: float = _help(
         "Fraction of training over which λ2, λ3 ramp up (warmup schedule).", default=0.05
     )
+    schedule_whole_steps: bool = _help(
+        "Round the λ2/λ3 warm-up boundaries down to whole optimizer steps as the authors' script does "
+        "(w = int(warmup_start·S), r = max(int(warmup_ramp·S), 1) for S total steps), to reproduce their "
+        "runs number for number; False: the boundaries are exact fractions of training.",
+        default=False,
+    )
     reference: str = _help(
-        "Reference for the consistency term: `auto` (snapshot for PiSSA-like inits, disabled adapter otherwise), "
-        "`adapter_snapshot` (frozen copy of the initial adapter), `disabled_adapter`, or `model` "
-        "(a separate reference model you pass).",
+        "Reference for the consistency term: `auto` (the snapshot when the adapter's base was rewritten: PiSSA-like "
+        "inits, a pre-initialised PiSSA pair; the disabled adapter when the adapter adds nothing at the start; "
+        "refused when the model cannot tell), `adapter_snapshot` (frozen copy of the initial adapter), "
+        "`disabled_adapter`, or `model` (a separate reference model you pass).",
         default="auto",
     )
     chunk_size: int = _help(
@@ -100,17 +153,22 @@ class BALoRAConfig:
     eps: float = _help("Added to the SVD denominators.", default=1e-8)
 
     def __post_init__(self) -> None:
+        self._fill_preset_defaults()
         self._validate()
+
+    def _fill_preset_defaults(self) -> None:
+        """Unset (None) preset fields take the values of the preset matching ``task`` and ``formulation``."""
+        _choice("task", self.task, TASKS)
+        _choice("formulation", self.formulation, FORMULATIONS)
+        preset = {**_PRESET_FALLBACK, **PRESETS[default_preset(self.task, self.formulation)]}
+        for name in PRESET_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        _choice("task", self.task, TASKS)
-        _choice("formulation", self.formulation, FORMULATIONS)
-        _choice("svd_norm", self.svd_norm, SVD_NORMS)
-        _choice("consistency_schedule", self.consistency_schedule, CONSISTENCY_SCHEDULES)
-        _choice("regularizer_schedule", self.regularizer_schedule, REGULARIZER_SCHEDULES)
-        _choice("reference", self.reference, REFERENCES)
-        _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        for name, allowed in FIELD_CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
             v = _number(name, getattr(self, name))
             if v < 0:
@@ -136,6 +194,11 @@ class BALoRAConfig:
                 f"BALoRAConfig.warmup_start + warmup_ramp = {self.warmup_start + self.warmup_ramp!r} exceeds 1; "
                 "the ramp must finish within training."
             )
+        self._validate_adaptive()
+        if not isinstance(self.schedule_whole_steps, bool):
+            raise ValueError(
+                f"BALoRAConfig.schedule_whole_steps={self.schedule_whole_steps!r} must be True or False."
+            )
         e = _number("eps", self.eps)
         if not e > 0:
             raise ValueError(f"BALoRAConfig.eps={e!r} must be > 0 (it guards the SVD denominators).")
@@ -143,6 +206,28 @@ class BALoRAConfig:
             raise ValueError(f"BALoRAConfig.shift_labels={self.shift_labels!r} must be True or False.")
         if not self.shift_labels and self.task == "nlu":
             raise ValueError("BALoRAConfig.shift_labels=False only applies to task='nlg' (token positions).")
+
+    def _validate_adaptive(self) -> None:
+        bounds = {n: getattr(self, n) for n in ("lambda_consistency_min", "lambda_consistency_max")}
+        for name, value in bounds.items():
+            if value is None:
+                continue
+            if _number(name, value) < 0:
+                raise ValueError(
+                    f"BALoRAConfig.{name}={value!r} is negative; the adaptive λ1 bounds must be >= 0."
+                )
+            if self.consistency_schedule != "adaptive":
+                raise ValueError(
+                    f"BALoRAConfig.{name}={value!r} only applies with BALoRAConfig.consistency_schedule='adaptive' "
+                    f"(it is {self.consistency_schedule!r}); set that schedule or leave BALoRAConfig.{name} unset."
+                )
+        low, high = self.adaptive_consistency_bounds
+        if low > high:
+            raise ValueError(
+                f"BALoRAConfig.lambda_consistency_min={low!r} exceeds BALoRAConfig.lambda_consistency_max={high!r} "
+                f"(an unset min is 0.1·λ1 and an unset max is λ1, BALoRAConfig.lambda_consistency="
+                f"{self.lambda_consistency!r}); choose min <= max."
+            )
 
     # ------------------------------------------------------------------ derived settings
     @property
@@ -178,23 +263,81 @@ class BALoRAConfig:
             "svd": self.lambda_svd,
         }
 
-    def lambdas_at(self, progress: float) -> dict[str, float]:
-        """The three weights at ``progress`` = global_step / max_steps in [0, 1] (docs/method.md §3.1 schedules)."""
-        p = min(max(float(progress), 0.0), 1.0)
+    @property
+    def adaptive_consistency_bounds(self) -> tuple[float, float]:
+        """(λ1_min, λ1_max) of the adaptive schedule: the fields, or 0.1·λ1 and λ1 where unset (the authors')."""
+        low, high = self.lambda_consistency_min, self.lambda_consistency_max
+        return (
+            0.1 * self.lambda_consistency if low is None else float(low),
+            float(self.lambda_consistency) if high is None else float(high),
+        )
+
+    def adaptive_lambda_consistency(self, confidence: float) -> float:
+        """λ1 = λ1_min + (λ1_max − λ1_min)·c for the reference's confidence c in [0, 1] (docs/method.md §3.1)."""
+        low, high = self.adaptive_consistency_bounds
+        return low + (high - low) * min(max(float(confidence), 0.0), 1.0)
+
+    def lambdas_at(
+        self, progress: float, step: int | None = None, total_steps: int | None = None
+    ) -> dict[str, float]:
+        """The three weights at ``progress`` = global_step / max_steps in [0, 1] (docs/method.md §3.1 schedules).
+
+        With ``schedule_whole_steps`` the schedules run on ``step`` (the global optimizer step, from 0) of
+        ``total_steps`` instead (progress = step / total_steps), with the authors' integer warm-up boundaries;
+        a λ2/λ3 warm-up then needs ``step``. Under
+        ``consistency_schedule='adaptive'`` λ1 depends on the micro-batch: this returns its upper bound
+        λ1_max, which :meth:`adaptive_lambda_consistency` lowers by the reference's confidence.
+        """
         lam = self.lambdas
+        whole = self.schedule_whole_steps and self.regularizer_schedule != "constant"
+        if whole and step is None:
+            raise ValueError(
+                "BALoRAConfig.schedule_whole_steps=True runs the λ2/λ3 warm-up on whole optimizer steps: pass "
+                "lambdas_at(progress, step=global_step, total_steps=max_steps) (the trainers do), or set "
+                "schedule_whole_steps=False."
+            )
+        total = max(int(total_steps or 1), 1)  # as the authors' script: max(int(max_steps or 1), 1)
+        if self.schedule_whole_steps and step is not None:
+            progress = step / total
+        p = min(max(float(progress), 0.0), 1.0)
         if self.consistency_schedule == "cosine":
             r = self.cosine_final_ratio
             lam["consistency"] *= r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p))
-        if self.regularizer_schedule == "warmup":
-            if p < self.warmup_start:
-                f = 0.0
-            elif self.warmup_ramp == 0 or p >= self.warmup_start + self.warmup_ramp:
-                f = 1.0
+        elif self.consistency_schedule == "adaptive":
+            lam["consistency"] = self.adaptive_consistency_bounds[1]
+        if self.regularizer_schedule != "constant":
+            if whole:
+                f = self._warmup_factor_steps(int(step), total)
             else:
-                f = (p - self.warmup_start) / self.warmup_ramp
+                f = self._warmup_factor(p)
             lam["diversity"] *= f
             lam["svd"] *= f
         return lam
+
+    def _warmup_factor(self, p: float) -> float:
+        """λ2/λ3 factor at progress ``p`` in [0, 1], boundaries at exact fractions of training."""
+        start = self.warmup_start
+        if self.regularizer_schedule != "warmup":  # linear_warmup / quadratic_warmup over [0, start)
+            f = p / start if p < start else 1.0
+            return f * f if self.regularizer_schedule == "quadratic_warmup" else f
+        if p < start:
+            return 0.0
+        if self.warmup_ramp == 0 or p >= start + self.warmup_ramp:
+            return 1.0
+        return (p - start) / self.warmup_ramp
+
+    def _warmup_factor_steps(self, s: int, total: int) -> float:
+        """λ2/λ3 factor at global step ``s`` of ``total``, boundaries rounded down to whole steps (the authors')."""
+        w = int(self.warmup_start * total)
+        if self.regularizer_schedule != "warmup":
+            f = s / w if s < w else 1.0
+            return f * f if self.regularizer_schedule == "quadratic_warmup" else f
+        r = max(int(self.warmup_ramp * total), 1)
+        if s < w:
+            return 0.0
+        if s < w + r:
+            return (s - w) / r
+        return 1.0
 
     def check_num_classes(self, num_classes: int) -> bool:
         """Warn (and return False) when the NLU SVD share is identically 1 for ``num_classes`` classes."""
@@ -226,6 +369,8 @@ class BALoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BALoRAConfig:
+        """A config from a dict of fields, optionally with ``preset``: the keys overlay that preset, or without
+        one the preset matching the dict's ``task`` and ``formulation`` (default ``iclr2026-nlg``)."""
         data = dict(data)
         preset = data.pop("preset", None)
         _check_keys(data, "BALoRAConfig.from_dict")
@@ -258,7 +403,11 @@ class BALoRAConfig:
 
     @classmethod
     def coerce(cls, value: BALoRAConfig | str | dict | None, **defaults: Any) -> BALoRAConfig:
-        """Accept a config, a preset name, a dict, or None (the default ``iclr2026-nlg`` preset)."""
+        """Accept a config, a preset name, a dict, or None (the default ``iclr2026-nlg`` preset).
+
+        A dict without ``preset`` overlays the preset matching its ``task`` and ``formulation`` (by default
+        ``iclr2026-nlg``, schedules included), exactly like ``BALoRAConfig(**dict)``.
+        """
         if isinstance(value, BALoRAConfig):
             return value
         if value is None:
@@ -323,6 +472,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named settings; ``iclr2026-*`` are the defaults of the current paper (docs/method.md §3.1), ``v5-*`` the earlier
 formulation (docs/method.md §3.2)."""
+
+PRESET_FIELDS = (
+    "lambda_consistency",
+    "lambda_diversity",
+    "lambda_svd",
+    "svd_top_k",
+    "diversity_top_k",
+    "temperature",
+    "svd_norm",
+    "consistency_schedule",
+    "regularizer_schedule",
+)
+"""Fields whose default is the value of the preset matching ``task`` and ``formulation``
+(:func:`default_preset`): ``BALoRAConfig(task="nlu")`` equals ``BALoRAConfig.from_preset("iclr2026-nlu")``."""
+_PRESET_FALLBACK = {
+    "diversity_top_k": 20,
+    "consistency_schedule": "constant",
+    "regularizer_schedule": "constant",
+}
 
 
 def _field_names() -> set[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,26 +15,64 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 96
+TINY_TEXT = dict(  # the decoder every tiny test model uses (Llama-style config keys)
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# a vision tower (CLIP / SigLIP keys) on 8×8 images of 4 patches
+TINY_VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=8,
+    patch_size=4,
+)
+CONSTANT = {
+    "consistency_schedule": "constant",
+    "regularizer_schedule": "constant",
+}  # every term on from step 1
 
 
 def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = LlamaConfig(**{**TINY_TEXT, "vocab_size": vocab}, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_llava(seed: int = 0):
+    """A tiny Llava (CLIP vision tower, projector, the tiny Llama): one 8×8 image is 4 patches of 4×4, its
+    placeholder token id 95."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=LlamaConfig(**TINY_TEXT),
+        image_token_index=95,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def perturb(model, adapter: str = "default", seed: int = 1, scale: float = 0.05) -> None:
+    """Stand-in for optimizer steps: move every parameter of ``adapter``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".{adapter}." in n:
+                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def tiny_tokenizer(vocab: int = VOCAB):
@@ -115,3 +155,79 @@ def llama():
 @pytest.fixture
 def pissa_llama():
     return lora(tiny_llama(), init="pissa")
+
+
+# A fresh process in which `import balora_plugins` fails: what a user without this package (or a server) has.
+_PLAIN_PEFT_SCRIPT = r"""
+import json, sys, torch
+sys.modules["balora_plugins"] = None  # any import of balora_plugins now fails: plain PEFT only
+sys.path.insert(0, sys.argv[1])
+import conftest
+from peft import PeftModel
+for job in json.loads(open(sys.argv[2], encoding="utf-8").read()):
+    base = getattr(conftest, job["base"])(**job.get("base_kwargs", {}))  # untouched pre-trained weights
+    model = PeftModel.from_pretrained(base, job["adapter"]).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.tensor(job["input_ids"])).logits, job["out"])
+"""
+
+
+def plain_peft_logits(jobs: list[dict], workdir) -> list[torch.Tensor]:
+    """Load each ``job["adapter"]`` with ``PeftModel.from_pretrained`` on an untouched base built by the conftest
+    function ``job["base"]`` (with ``job.get("base_kwargs")``), in one fresh process where ``balora_plugins`` is
+    not importable, and return each model's logits on ``job["input_ids"]`` (a nested list, (B, T))."""
+    import subprocess
+    import sys
+
+    workdir = str(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    jobs = [{**job, "out": os.path.join(workdir, f"plain_peft_{i}.pt")} for i, job in enumerate(jobs)]
+    spec = os.path.join(workdir, "plain_peft_jobs.json")
+    with open(spec, "w", encoding="utf-8") as f:
+        json.dump(jobs, f)
+    res = subprocess.run(
+        [sys.executable, "-c", _PLAIN_PEFT_SCRIPT, os.path.dirname(os.path.abspath(__file__)), spec],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [torch.load(job["out"]) for job in jobs]
+
+
+class FakeHub:
+    """Stands in for transformers.trainer.hf_api(): records what push_to_hub would upload, at upload time."""
+
+    def __init__(self):
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs
+        )
+        with open(os.path.join(folder_path, "adapter_config.json"), encoding="utf-8") as f:
+            adapter_config = json.load(f)
+        card_path = os.path.join(folder_path, "README.md")
+        card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else None
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "folder": folder_path,
+                "files": list(filter_repo_objects(files, ignore_patterns=ignore_patterns)),
+                "adapter_config": adapter_config,
+                "card": card,
+            }
+        )
+        info = SimpleNamespace(commit_url="fake")
+        if kwargs.get("run_as_future"):  # the Trainer's pushes during training wait on a Future
+            from concurrent.futures import Future
+
+            done: Future = Future()
+            done.set_result(info)
+            return done
+        return info

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import lora, tiny_llama  # noqa: E402
+from conftest import CONSTANT, lora, tiny_llama  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.trainer_mixin import BALoRATrainerMixin  # noqa: E402
@@ -69,7 +69,9 @@ def main(out: str, per_device: int, ga: int = 1) -> None:
         max_grad_norm=1e9,
         dataloader_drop_last=True,
     )
-    cfg = BALoRAConfig(lambda_consistency=1.0, lambda_diversity=0.5, lambda_svd=0.0, diversity_top_k=8)
+    cfg = BALoRAConfig(
+        lambda_consistency=1.0, lambda_diversity=0.5, lambda_svd=0.0, diversity_top_k=8, **CONSTANT
+    )
     trainer = T(model=model, args=args, train_dataset=dataset(), data_collator=collate)
     trainer._balora_setup(cfg)
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if ".default." in k}

@@ -14,13 +14,15 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import batch, lora, tiny_llama  # noqa: E402
+from conftest import CONSTANT, batch, lora, tiny_llama  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.core import BALoRAObjective, LossScaling  # noqa: E402
 from balora_plugins.functional import valid_position_mask  # noqa: E402
 
-CFG = BALoRAConfig(lambda_consistency=1.0, lambda_diversity=0.5, lambda_svd=0.0, diversity_top_k=8)
+CFG = BALoRAConfig(
+    lambda_consistency=1.0, lambda_diversity=0.5, lambda_svd=0.0, diversity_top_k=8, **CONSTANT
+)
 
 
 def model_and_objective():

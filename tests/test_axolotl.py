@@ -20,7 +20,7 @@ from axolotl.cli.config import gpu_capabilities  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
 from axolotl.utils.config import prepare_plugins, validate_config  # noqa: E402
 from axolotl.utils.dict import DictDefault  # noqa: E402
-from conftest import batch, lora, tiny_llama  # noqa: E402
+from conftest import CONSTANT, batch, lora, tiny_llama  # noqa: E402
 
 from balora_plugins.axolotl.args import PLUGIN, balora_config_from_cfg, balora_keys  # noqa: E402
 from balora_plugins.config import BALoRAConfig  # noqa: E402
@@ -175,7 +175,7 @@ def test_a_broken_install_stops_axolotl_instead_of_training_without_balora(monke
     manager.register("balora_plugins_not_installed.Plugin")  # axolotl's own behaviour: log and carry on
     assert "balora_plugins_not_installed.Plugin" not in manager.plugins
     monkeypatch.delitem(sys.modules, "balora_plugins.axolotl")
-    monkeypatch.setitem(sys.modules, "balora_plugins.core.objective", None)  # -> ImportError on import
+    monkeypatch.setitem(sys.modules, "balora_plugins.core.reference", None)  # -> ImportError on import
     with pytest.raises(RuntimeError, match="trains WITHOUT it"):
         manager.register(PLUGIN)
 
@@ -239,13 +239,18 @@ def test_runnable_example_configs_pass_axolotl_validation(name, overrides):
 
 
 # ---------------------------------------------------------------------------------------------- hooks and trainer
-def test_post_lora_load_snapshot_survives_axolotl_and_reproduces_the_pretrained_model():
-    cfg = validate()
-    plugin = PluginManager.get_instance().plugins[PLUGIN]
+def _plugin_and_pretrained():
+    """The registered plugin, a tiny pre-trained model, token ids (2, 10) and its logits on them."""
     pretrained = tiny_llama(seed=3)
     ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = pretrained(input_ids=ids).logits
+    return PluginManager.get_instance().plugins[PLUGIN], pretrained, ids, want
+
+
+def test_post_lora_load_snapshot_survives_axolotl_and_reproduces_the_pretrained_model():
+    cfg = validate()
+    plugin, pretrained, ids, want = _plugin_and_pretrained()
     model = lora(copy.deepcopy(pretrained), init="pissa", targets=("q_proj", "v_proj", "down_proj"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     plugin.post_lora_load(cfg, model)
@@ -266,6 +271,36 @@ def test_post_lora_load_snapshot_survives_axolotl_and_reproduces_the_pretrained_
         plugin.post_model_load(cfg, model)
 
 
+def test_post_lora_load_takes_a_preinitialised_pissa_pair_from_lora_model_dir(tmp_path):
+    """PEFT's PiSSA recipe: the residual model as `base_model`, the adapter saved with init_lora_weights=True as
+    `lora_model_dir`. Its config looks like plain LoRA; the pair is recognised and gets the snapshot reference.
+    An adapter whose config names PiSSA is refused (PEFT re-runs the SVD on load)."""
+    from peft import PeftModel
+
+    cfg = validate(lora_model_dir=str(tmp_path / "pissa_init"), peft_init_lora_weights=None)
+    plugin, pretrained, ids, want = _plugin_and_pretrained()
+    pair = lora(copy.deepcopy(pretrained), init="pissa_niter_4", targets=("q_proj", "v_proj", "down_proj"))
+    pair.peft_config["default"].init_lora_weights = True
+    pair.save_pretrained(str(tmp_path / "pissa_init"))
+    model = PeftModel.from_pretrained(pair.unload(), str(tmp_path / "pissa_init"), is_trainable=True)
+    plugin.post_lora_load(cfg, model)
+    plugin.post_model_load(cfg, model)
+    assert REF_ADAPTER in model.peft_config
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".default." in name:
+                p.add_(0.05 * torch.randn_like(p))
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        with reference_mode(model, "adapter_snapshot"):
+            ref = model(input_ids=ids).logits
+    assert (ref - want).abs().max() < 1e-5 and (off - want).abs().max() > 1e-3
+
+    named = lora(copy.deepcopy(pretrained), init="pissa", targets=("q_proj", "v_proj"))
+    with pytest.raises(ValueError, match=r"lora_model_dir=.*init_lora_weights='pissa'.*ran that init again"):
+        plugin.post_lora_load(cfg, named)
+
+
 def test_regularizers_are_exact_under_axolotls_qkv_and_o_lora_kernels(tmp_path, monkeypatch):
     """The fused qkv/o kernels read PEFT's adapter state per call, so the reference switch reaches them:
     loss, regularizer, terms and gradients equal PEFT's forward. (The MLP kernel is Triton: GPU only.)"""
@@ -279,7 +314,9 @@ def test_regularizers_are_exact_under_axolotls_qkv_and_o_lora_kernels(tmp_path, 
     kernels = DictDefault(
         base_model=str(tmp_path), lora_qkv_kernel=True, lora_o_kernel=True, lora_mlp_kernel=False
     )
-    config = BALoRAConfig(lambda_consistency=1.0, lambda_diversity=0.1, lambda_svd=0.1, svd_top_k=2)
+    config = BALoRAConfig(
+        lambda_consistency=1.0, lambda_diversity=0.1, lambda_svd=0.1, svd_top_k=2, **CONSTANT
+    )
 
     def step(fused: bool):
         torch.manual_seed(0)
@@ -359,7 +396,7 @@ def test_trainer_subclasses_axolotls_and_reports_through_its_metric_store(tmp_pa
     zero = _trainer(
         AxolotlBALoRATrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "z", balora_config=off
     )
-    on = BALoRAConfig(lambda_consistency=0.5, lambda_diversity=0.1, lambda_svd=0.1, svd_top_k=2)
+    on = BALoRAConfig(lambda_consistency=0.5, lambda_diversity=0.1, lambda_svd=0.1, svd_top_k=2, **CONSTANT)
     reg = _trainer(
         AxolotlBALoRATrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "r", balora_config=on
     )
@@ -396,7 +433,10 @@ def test_axolotl_train_end_to_end_on_cpu(tmp_path):
     run_tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_tiny)
     result = run_tiny.main(["--workdir", str(tmp_path)])
-    assert result["steps"] == 4 and result["plain_lora_max_abs_err"] < 1e-4
+    assert result["steps"] == 4
+    # output_dir on the untouched base with plain PEFT, and axolotl merge-lora's merged model, are the trained model
+    assert result["served_max_abs_err"] < 1e-4 and result["merged_max_abs_err"] < 1e-4
+    assert {"axolotl", "ba-lora", "peft"} <= set(result["card_tags"])
     lambdas = [
         float(s["balora/lambda_consistency"])
         for s in run_tiny.logged_metrics((tmp_path / "axolotl.log").read_text())

@@ -3,10 +3,11 @@ DeepSpeed ZeRO-2 and ZeRO-3 (``deepspeed:`` with example_configs/deepspeed/zero{
 (``fsdp_version: 2`` + ``fsdp_config:``), on the tiny recipe of integrations/axolotl/run_tiny.py.
 
 Each run must: train 3 steps data-parallel (axolotl's epoch counter advances by 2 ranks × 2 rows per step), log
-every BA-LoRA term, leave the base checkpoint untouched, write balora_ref/ and plain_lora/ from gathered weights,
-and the export must serve the trained model on the untouched base (max |Δlogit| < 1e-4, recomputed independently
-as W − s·B₀A₀ plus the trained adapter), and the initial adapter must be PiSSA's — s·B₀A₀ = the rank-r truncated
-SVD of the pre-trained weight (1e-5) — also under ZeRO-3, which loads the model partitioned.
+every BA-LoRA term, leave the base checkpoint untouched, and leave the final output (README "What you get after
+training") written from gathered weights: the plain LoRA at the root must serve the trained model on the
+untouched base (max |Δlogit| < 1e-4 against W − s·B₀A₀ plus the trained adapter of ``balora_resume/``), and
+the initial adapter must be PiSSA's — s·B₀A₀ = the rank-r truncated SVD of the pre-trained weight (1e-5) —
+also under ZeRO-3, which loads the model partitioned.
 tests/cpu_launch/ explains how accelerate is given DeepSpeed and FSDP on CPU processes.
 """
 
@@ -30,6 +31,7 @@ pytest.importorskip("axolotl")
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 STEPS, MICRO, WORLD, ROWS = 3, 2, 2, 64
+RESUME, RESUME_FILES = "balora_resume", ("adapter_model.safetensors", "balora_ref/adapter_model.safetensors")
 FSDP2 = {
     "fsdp_version": 2,
     "fsdp_config": {
@@ -91,7 +93,9 @@ def check_pissa_init(workdir: Path) -> None:
     """s·B₀A₀ of the saved initial adapter is the rank-r truncated SVD of each pre-trained weight."""
     from safetensors.torch import load_file
 
-    out = workdir / "outputs" / "tiny-balora"
+    out = (
+        workdir / "outputs" / "tiny-balora" / RESUME
+    )  # the trained (residual-base) form and its step-0 adapter
     cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     scale, r = cfg["lora_alpha"] / cfg["r"], cfg["r"]
     base = load_file(workdir / "tiny-llama" / "model.safetensors")
@@ -129,14 +133,13 @@ def test_axolotl_train_on_two_cpu_processes(engine, tmp_path):
     # 64 rows, 2 rows per rank and step: one epoch is 16 steps only if both ranks took their own rows
     assert float(steps[-1]["epoch"]) == pytest.approx(STEPS * MICRO * WORLD / ROWS)
     out = tmp_path / "outputs" / "tiny-balora"
-    for rel in (
-        "balora_config.json",
-        "balora_ref/adapter_model.safetensors",
-        "plain_lora/adapter_model.safetensors",
-    ):
+    for rel in ("adapter_model.safetensors", "balora_config.json", *(f"{RESUME}/{f}" for f in RESUME_FILES)):
         assert (out / rel).is_file(), rel
+    assert (
+        json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is True
+    )  # the plain LoRA
     assert run_tiny._digest(tmp_path / "tiny-llama") == base_digest, "the base checkpoint was modified"
-    assert run_tiny.check_export(tmp_path) < 1e-4
+    assert run_tiny.check_export(tmp_path, merged=False)["served_max_abs_err"] < 1e-4
     check_pissa_init(tmp_path)  # ZeRO-3 loads the model partitioned: PiSSA must have factorised whole weights
 
 

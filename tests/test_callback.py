@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, lora, tiny_bert_classifier, tiny_llama
+from conftest import CONSTANT, VOCAB, lora, tiny_bert_classifier, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from balora_plugins import BALoRAConfig
@@ -21,7 +21,7 @@ from balora_plugins.trainer_mixin import BALoRATrainerMixin
 NUM_LABELS = 4
 BERT_TARGETS = ("query", "key", "value", "dense")
 OFF = {"lambda_consistency": 0.0, "lambda_diversity": 0.0, "lambda_svd": 0.0}
-NLG = {"task": "nlg", "lambda_consistency": 1.0, "lambda_diversity": 0.2, "lambda_svd": 0.2}
+NLG = {"task": "nlg", "lambda_consistency": 1.0, "lambda_diversity": 0.2, "lambda_svd": 0.2, **CONSTANT}
 NLU = {"task": "nlu", "lambda_consistency": 1.0, "lambda_diversity": 0.2, "lambda_svd": 0.2, "svd_top_k": 2}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,16 +120,46 @@ def has_capture_hook(model) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- λ = 0 is the host
+def callback_of(trainer) -> BALoRACallback:
+    (cb,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BALoRACallback)]
+    return cb
+
+
 @pytest.mark.parametrize("task", ["nlg", "nlu"])
-def test_lambda_zero_reproduces_plain_trainer_and_restores_class(task, tmp_path):
-    """λ = 0: same losses and same adapter as the plain Trainer, dropout included (NLU); class restored after."""
+def test_lambda_zero_reproduces_plain_trainer_and_detach_restores_class(task, tmp_path):
+    """λ = 0: same losses and same adapter as the plain Trainer, dropout included (NLU). The mixin stays in after
+    train() (save_model, evaluate); detach() gives the trainer its class back and removes the hook."""
     host = train(task, tmp_path / "host", max_steps=3)
     ours = train(task, tmp_path / "ours", config=BALoRAConfig(task=task, **OFF), max_steps=3)
     assert losses(ours) == pytest.approx(losses(host), rel=0, abs=1e-6)
     assert_same_adapter(adapter(ours.model), adapter(host.model), atol=1e-6)
     assert "balora/lambda_consistency" in ours.state.log_history[0]
-    assert type(ours) is Trainer and not hasattr(ours, "balora")  # class swapped back at train end
+    assert isinstance(ours, BALoRATrainerMixin) and ours.balora.captured_hidden is None
+    callback_of(ours).detach()
+    assert type(ours) is Trainer and not hasattr(ours, "balora")
     assert not has_capture_hook(ours.model)
+
+
+def test_trainer_save_model_after_train_writes_the_balora_artefacts(tmp_path):
+    """The habitual `trainer.save_model()` after `train()` writes what the callback's own save_model writes."""
+    trainer = train("nlg", tmp_path / "run", BALoRAConfig(**NLG), max_steps=2)
+    trainer.save_model(str(tmp_path / "trainer"))
+    callback_of(trainer).save_model(str(tmp_path / "callback"))
+    files = {}
+    for name in ("trainer", "callback"):
+        root = tmp_path / name
+        files[name] = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert files["trainer"] == files["callback"]
+    for f in (
+        "balora_config.json",
+        "adapter_model.safetensors",  # the servable plain LoRA at the root
+        "balora_resume/adapter_model.safetensors",  # the trainable PiSSA form ...
+        "balora_resume/balora_ref/adapter_config.json",  # ... with its step-0 adapter
+    ):
+        assert f in files["trainer"], f
+    assert BALoRAConfig.from_pretrained(tmp_path / "trainer") == BALoRAConfig(**NLG)
+    after = trainer.evaluate(Rows(tensors("nlg", n=4)))  # still BA-LoRA: the terms are reported
+    assert "eval_balora/consistency" in after
 
 
 # ---------------------------------------------------------------------------------------------- the loss itself
@@ -202,7 +232,7 @@ def test_loss_is_host_loss_plus_regularizer(task, host, tmp_path):
 # ---------------------------------------------------------------------------------------------- accumulation
 def test_gradient_accumulation_matches_trainer_scaling(tmp_path):
     """Token-level terms: 4 × 1 and 2 × 2 micro-batches give the same update (SGD, so any mis-scaling shows)."""
-    cfg = BALoRAConfig(task="nlg", lambda_consistency=10.0, lambda_diversity=0.5, lambda_svd=0.0)
+    cfg = BALoRAConfig(task="nlg", lambda_consistency=10.0, lambda_diversity=0.5, lambda_svd=0.0, **CONSTANT)
     kw = dict(optim="sgd", learning_rate=0.5, max_steps=2)
     one = train(
         "nlg", tmp_path / "a", cfg, per_device_train_batch_size=4, gradient_accumulation_steps=1, **kw
@@ -238,6 +268,29 @@ def test_nlu_accumulation_with_a_mean_loss_host(tmp_path):
     assert_same_adapter(runs[1], runs[0], atol=1e-6)
 
 
+def test_the_trainer_feeds_the_schedules_its_step_and_total_steps(tmp_path):
+    """5 optimizer steps under the authors' whole-step warm-up (warmup_start 0.3, ramp 0.2): their script starts
+    at w = int(0.3·5) = 1 and ramps over r = max(int(0.2·5), 1) = 1 step, so λ2, λ3 get the factors 0, 0, 1, 1, 1
+    (the fractional schedule would give 0.5 at step 2); the adaptive λ1 follows the logged confidence c."""
+    cfg = BALoRAConfig(
+        **NLG,
+        consistency_schedule="adaptive",
+        temperature=0.1,
+        regularizer_schedule="warmup",
+        warmup_start=0.3,
+        warmup_ramp=0.2,
+        schedule_whole_steps=True,
+    )
+    logs = [h for h in train("nlg", tmp_path, cfg, max_steps=5).state.log_history if "loss" in h]
+    assert [h["balora/lambda_svd"] / NLG["lambda_svd"] for h in logs] == [0, 0, 1, 1, 1]
+    assert [h["balora/lambda_diversity"] / NLG["lambda_diversity"] for h in logs] == [0, 0, 1, 1, 1]
+    for h in logs:
+        c = h["balora/reference_confidence"]
+        assert 0.0 < c < 1.0
+        lam1 = NLG["lambda_consistency"]
+        assert h["balora/lambda_consistency"] == pytest.approx(0.1 * lam1 + 0.9 * lam1 * c, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 class StopAt(TrainerCallback):
     def __init__(self, step: int):
@@ -258,6 +311,7 @@ def test_resume_restores_reference_and_schedule(tmp_path):
         lambda_diversity=0.2,
         lambda_svd=0.2,
         consistency_schedule="cosine",
+        regularizer_schedule="constant",
     )
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-2)
     initial = adapter(nlg_model())
@@ -319,7 +373,41 @@ def test_attach_after_construction(tmp_path):
     assert isinstance(trainer, BALoRATrainerMixin) and cb in trainer.callback_handler.callbacks
     trainer.train()
     assert "balora/consistency" in trainer.state.log_history[0]
+    cb.detach()
     assert type(trainer) is Trainer
+
+
+def test_fails_loudly_when_no_trainer_is_on_the_stack(tmp_path, monkeypatch):
+    """A transformers release that fires on_init_end from elsewhere (here: another thread, so no frame of
+    Trainer.__init__ is on the stack) must not leave a Trainer that trains without the terms."""
+    import threading
+
+    from transformers.trainer_callback import CallbackHandler
+
+    fire = CallbackHandler.on_init_end
+
+    def elsewhere(self, *args, **kwargs):
+        out, err = [], []
+
+        def run():
+            try:
+                out.append(fire(self, *args, **kwargs))
+            except BaseException as e:  # re-raised in the caller's thread
+                err.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        if err:
+            raise err[0]
+        return out[0]
+
+    monkeypatch.setattr(CallbackHandler, "on_init_end", elsewhere)
+    with pytest.raises(RuntimeError, match=r"found no Trainer.*attach\(trainer\)"):
+        Trainer(model=nlg_model(), args=targs(tmp_path), callbacks=[BALoRACallback(BALoRAConfig(**NLG))])
+    trainer = Trainer(model=nlg_model(), args=targs(tmp_path))  # the way out the message gives
+    BALoRACallback(BALoRAConfig(**NLG)).attach(trainer)
+    assert isinstance(trainer, BALoRATrainerMixin)
 
 
 def test_one_callback_per_trainer(tmp_path):
@@ -366,7 +454,7 @@ def test_refuses_a_trainer_that_already_has_balora(tmp_path):
 
 
 def test_trainer_subclass_sft(tmp_path):
-    """A Trainer subclass (TRL's SFTTrainer): λ = 0 reproduces it, λ > 0 adds the terms, its class comes back."""
+    """A Trainer subclass (TRL's SFTTrainer): λ = 0 reproduces it, λ > 0 adds the terms."""
     pytest.importorskip("trl")
     from conftest import tiny_tokenizer
     from datasets import Dataset
@@ -399,7 +487,9 @@ def test_trainer_subclass_sft(tmp_path):
             model=nlg_model(), args=args, train_dataset=data, processing_class=tiny_tokenizer(), callbacks=cbs
         )
         trainer.train()
-        assert type(trainer) is SFTTrainer
+        assert isinstance(trainer, SFTTrainer) and isinstance(trainer, BALoRATrainerMixin) == (
+            config is not None
+        )
         return trainer
 
     host, off, on = sft(None), sft(BALoRAConfig(**OFF)), sft(BALoRAConfig(**NLG))
@@ -421,6 +511,6 @@ def test_recipe_runs_tiny(script, tmp_path, capsys):
     recipe.main(["--tiny", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "balora/consistency" in out and "saved to" in out
-    assert (tmp_path / "balora_config.json").is_file()
-    assert (tmp_path / "balora_ref" / "adapter_config.json").is_file()
-    assert (tmp_path / "plain_lora" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "balora_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    # PiSSA: the trainable form and its step-0 adapter beside the servable root
+    assert (tmp_path / "balora_resume" / "balora_ref" / "adapter_config.json").is_file()

@@ -56,7 +56,11 @@ def _is_png(path):
             ["demo", "--task", "nlu", "--tiny", "--train-size", "2000", "--eval-size", "500"],
             "exceed the 2225",
         ),
-        (["export", "adapter", "--out", "x", "--base", "b"], "--base only applies with --merge"),
+        (["export", "adapter", "--out", "x", "--base", "b"], "--base and --dtype only apply with --merge"),
+        (
+            ["export", "adapter", "--out", "x", "--dtype", "bfloat16"],
+            "--base and --dtype only apply with --merge",
+        ),
         (["export", "no_such_adapter", "--out", "x"], "ADAPTER_DIR 'no_such_adapter' is not a directory"),
         (["report", "no_such_run"], "RUN_DIR 'no_such_run' is not a directory"),
     ],
@@ -130,7 +134,10 @@ def test_demo_tiny_writes_report(nlg_demo):
     assert {"loss", "balora/consistency", "balora/diversity", "balora/svd", "balora/loss"} <= logged
     with open(out / "pissa" / "trainer_state.json") as f:
         assert not any(k.startswith("balora/") for entry in json.load(f)["log_history"] for k in entry)
-    assert (out / "balora" / "adapter" / "plain_lora" / "adapter_config.json").is_file()
+    # BA-LoRA's final output: the servable plain LoRA at the root, the trainable form in balora_resume/
+    with open(out / "balora" / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["init_lora_weights"] is True
+    assert (out / "balora" / "adapter" / "balora_resume" / "balora_ref" / "adapter_config.json").is_file()
 
 
 def test_demo_metrics_match_full_logits(nlg_demo):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 import warnings
 
 import pytest
@@ -12,26 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balora_plugins import PRESETS, BALoRAConfig
-from balora_plugins.config import (
-    CONFIG_NAME,
-    CONSISTENCY_SCHEDULES,
-    FORMULATIONS,
-    ON_NONFINITE,
-    REFERENCES,
-    REGULARIZER_SCHEDULES,
-    SVD_NORMS,
-    TASKS,
-)
+from balora_plugins.config import CONFIG_NAME, FIELD_CHOICES, FORMULATIONS, TASKS
 
-CHOICES = {
-    "task": TASKS,
-    "formulation": FORMULATIONS,
-    "svd_norm": SVD_NORMS,
-    "consistency_schedule": CONSISTENCY_SCHEDULES,
-    "regularizer_schedule": REGULARIZER_SCHEDULES,
-    "reference": REFERENCES,
-    "on_nonfinite": ON_NONFINITE,
-}
+CHOICES = FIELD_CHOICES
 LAMBDAS = ("lambda_consistency", "lambda_diversity", "lambda_svd")
 FRACTIONS = ("cosine_final_ratio", "warmup_start", "warmup_ramp")
 
@@ -82,8 +66,19 @@ def test_invalid_field_raises_naming_field_and_value(name, value):
 
 def test_choice_errors_list_allowed_values():
     msg = _raises_naming("formulation", "v3")
-    for allowed in FORMULATIONS:
+    for allowed in ("iclr2026", "v5"):
         assert allowed in msg
+
+
+def test_every_string_field_is_a_choice_with_its_allowed_values():
+    """FIELD_CHOICES (what the argument parsers list) covers every str field, with the values docs/method.md names."""
+    hints = typing.get_type_hints(BALoRAConfig)
+    assert set(CHOICES) == {f.name for f in dataclasses.fields(BALoRAConfig) if hints[f.name] is str}
+    assert CHOICES["consistency_schedule"] == ("constant", "cosine", "adaptive")
+    assert CHOICES["regularizer_schedule"] == ("constant", "warmup", "linear_warmup", "quadratic_warmup")
+    for name, allowed in CHOICES.items():
+        for value in allowed:
+            assert getattr(BALoRAConfig(**{name: value, "shift_labels": True}), name) == value
 
 
 def test_incompatible_combinations():
@@ -189,7 +184,7 @@ def test_check_num_classes_warns_when_svd_is_constant():
 # ---------------------------------------------------------------------------------------------- schedules
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 0.8, 1.0])
 def test_cosine_schedule(p):
-    c = BALoRAConfig(lambda_consistency=0.04, consistency_schedule="cosine")
+    c = BALoRAConfig(lambda_consistency=0.04, consistency_schedule="cosine", regularizer_schedule="constant")
     hand = 0.1 * 0.04 + (0.04 - 0.1 * 0.04) * (1 + math.cos(math.pi * p)) / 2
     assert c.lambdas_at(p)["consistency"] == pytest.approx(hand, rel=1e-12)
     assert c.lambdas_at(p)["diversity"] == c.lambda_diversity  # untouched by the cosine
@@ -220,7 +215,9 @@ def test_cosine_end_points():
     ],
 )
 def test_warmup_schedule(p, factor):
-    c = BALoRAConfig(lambda_diversity=0.03, lambda_svd=0.07, regularizer_schedule="warmup")
+    c = BALoRAConfig(
+        lambda_diversity=0.03, lambda_svd=0.07, regularizer_schedule="warmup", consistency_schedule="constant"
+    )
     lam = c.lambdas_at(p)
     assert lam["diversity"] == pytest.approx(0.03 * factor, abs=1e-12)
     assert lam["svd"] == pytest.approx(0.07 * factor, abs=1e-12)
@@ -228,7 +225,7 @@ def test_warmup_schedule(p, factor):
 
 
 def test_constant_schedules_and_zero_ramp():
-    c = BALoRAConfig()
+    c = BALoRAConfig(consistency_schedule="constant", regularizer_schedule="constant")
     assert all(c.lambdas_at(p) == c.lambdas for p in (0.0, 0.3, 1.0))
     step = BALoRAConfig(regularizer_schedule="warmup", warmup_ramp=0.0, warmup_start=0.5)
     assert step.lambdas_at(0.49)["svd"] == 0.0 and step.lambdas_at(0.5)["svd"] == step.lambda_svd
@@ -298,3 +295,41 @@ def test_property_valid_configs_round_trip(kw, progress):
     lam = c.lambdas_at(progress)
     for key, base in c.lambdas.items():  # schedules only ever scale the weights down
         assert 0.0 <= lam[key] <= base + 1e-15
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_defaults_are_the_preset_matching_task_and_formulation(task, formulation):
+    name = f"{formulation}-{task}"
+    assert BALoRAConfig(task=task, formulation=formulation) == BALoRAConfig.from_preset(name)
+    assert BALoRAConfig.from_dict({"task": task, "formulation": formulation}) == BALoRAConfig.from_preset(
+        name
+    )
+    assert BALoRAConfig(task=task, formulation=formulation, svd_top_k=2) == BALoRAConfig.from_preset(
+        name, svd_top_k=2
+    )
+
+
+def test_unset_fields_never_take_another_tasks_values():
+    nlu = BALoRAConfig(task="nlu")  # was: the NLG weights (0.025, 0.005, 0.005) and k = 10
+    assert (nlu.lambda_consistency, nlu.lambda_diversity, nlu.lambda_svd, nlu.svd_top_k) == (
+        0.15,
+        0.03,
+        0.03,
+        5,
+    )
+    v5 = BALoRAConfig(formulation="v5")  # was: the iclr2026 weights
+    assert (v5.lambda_consistency, v5.svd_top_k, v5.temperature) == (1e-4, 3, 1.0)
+    assert BALoRAConfig() == BALoRAConfig.from_preset("iclr2026-nlg") == BALoRAConfig.coerce(None)
+
+
+def test_dict_without_preset_overlays_the_default_preset():
+    c = BALoRAConfig.coerce({"lambda_svd": 0.01})  # was: constant schedules (the preset's were dropped)
+    assert (c.consistency_schedule, c.regularizer_schedule) == ("cosine", "warmup")
+    assert c == BALoRAConfig.from_preset("iclr2026-nlg", lambda_svd=0.01)
+    assert BALoRAConfig.coerce({"task": "nlu", "lambda_svd": 0.0}) == BALoRAConfig.from_preset(
+        "iclr2026-nlu", lambda_svd=0.0
+    )
+    explicit = BALoRAConfig.coerce({"lambda_svd": 0.01, "regularizer_schedule": "constant"})
+    assert explicit.regularizer_schedule == "constant" and explicit.consistency_schedule == "cosine"

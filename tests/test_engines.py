@@ -2,8 +2,8 @@
 ``TrainingArguments(deepspeed=...)`` / ``TrainingArguments(fsdp=..., fsdp_config=...)`` — on 2 CPU processes (gloo).
 
 Parity: every 2-process run (2 rows per rank) ends with the adapter, the initial adapter (``balora_ref/``) and the
-plain-LoRA export that one process ends with on the same global batch (2 rows × 2 accumulation steps; all three
-terms on, SGD at lr 0.5, 4 steps, fp32). Tolerance: 1e-6 absolute + 1e-5 relative — measured differences are
+plain LoRA of the final output that one process ends with on the same global batch (2 rows × 2 accumulation
+steps; all three terms on, SGD at lr 0.5, 4 steps, fp32). Tolerance: 1e-6 absolute + 1e-5 relative — measured differences are
 ≤ 3e-8 (reduction order); a run that ignored the snapshot or the sharded head differs by > 1e-3. A run killed
 after its step-2 checkpoint and resumed (with its in-memory reference corrupted) must end there too.
 The worker is tests/engine_worker.py; tests/cpu_launch/ explains how accelerate is set up on CPUs.
@@ -24,10 +24,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "engine_worker.py")
 TOL = dict(rtol=1e-5, atol=1e-6)
+# the final output (README "What you get after training"): the trained adapter and its step-0 adapter in
+# balora_resume/, the plain LoRA that serves on the untouched base at the root
 FILES = (
+    "balora_resume/adapter_model.safetensors",
+    "balora_resume/balora_ref/adapter_model.safetensors",
     "adapter_model.safetensors",
-    "balora_ref/adapter_model.safetensors",
-    "plain_lora/adapter_model.safetensors",
 )
 
 

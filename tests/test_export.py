@@ -11,14 +11,19 @@ from conftest import batch, lora, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from balora_plugins import BALoRAConfig
 from balora_plugins.core.export import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     INITIAL_DIR,
+    RESUME_DIR,
+    export_merged,
     export_plain_lora,
     find_initial_adapter,
     load_initial_adapter,
+    resume_adapter_dir,
     save_initial_adapter,
+    write_servable_layout,
 )
 from balora_plugins.core.reference import REF_ADAPTER, add_snapshot_adapter, reference_mode
 
@@ -162,3 +167,90 @@ def test_load_initial_adapter_restores_reference(tmp_path):
     with reference_mode(resumed, "adapter_snapshot"):
         torch.testing.assert_close(resumed(**inputs).logits, base, rtol=0, atol=2e-6)
     assert {n for n, p in resumed.named_parameters() if p.requires_grad} == trainable
+
+
+# ---------------------------------------------------------------------------------------------- final layout
+def _digest(folder) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    }
+
+
+def test_servable_layout_moves_the_trainable_form_and_is_idempotent(tmp_path):
+    """0.1.0's layout (PiSSA adapter + balora_ref/ at the root) becomes the final layout: the plain LoRA at the root
+    (serves on the untouched base), the original files unchanged in balora_resume/; every reader follows."""
+    model, adapter_dir = _trained_dir(tmp_path)
+    BALoRAConfig().save_pretrained(adapter_dir)
+    before = _digest(adapter_dir)
+    assert resume_adapter_dir(adapter_dir) == adapter_dir  # 0.1.0 / checkpoint layout
+    assert find_initial_adapter(adapter_dir) == os.path.join(adapter_dir, INITIAL_DIR)
+
+    resume = write_servable_layout(adapter_dir)
+    assert resume == os.path.join(adapter_dir, RESUME_DIR)
+    before.pop("README.md")  # the model card stays at the root
+    assert _digest(resume) == before  # the trainable form, byte for byte
+    assert sorted(os.listdir(adapter_dir)) == sorted(
+        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "balora_config.json", "README.md", RESUME_DIR]
+    )
+    inputs = _fwd(batch(b=3, seed=9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _served(adapter_dir)(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5
+        )
+    assert resume_adapter_dir(adapter_dir) == resume
+    assert find_initial_adapter(adapter_dir) == os.path.join(resume, INITIAL_DIR)
+    # balora export on the root copies it (already plain); on balora_resume/ converts to the same adapter
+    root = load_file(os.path.join(export_plain_lora(adapter_dir, str(tmp_path / "a")), ADAPTER_WEIGHTS))
+    again = load_file(os.path.join(export_plain_lora(resume, str(tmp_path / "b")), ADAPTER_WEIGHTS))
+    assert root.keys() == again.keys() and all(torch.equal(root[k], again[k]) for k in root)
+
+    after = _digest(adapter_dir)
+    assert write_servable_layout(adapter_dir) is None and _digest(adapter_dir) == after  # idempotent
+    # a later save (the host writes the trainable form to the root again) refreshes our own balora_resume/
+    model.save_pretrained(adapter_dir, selected_adapters=["default"])
+    assert write_servable_layout(adapter_dir) == resume and _digest(adapter_dir) == after
+
+
+def test_servable_layout_never_replaces_a_folder_it_did_not_write(tmp_path):
+    _, adapter_dir = _trained_dir(tmp_path)
+    foreign = os.path.join(adapter_dir, RESUME_DIR)
+    os.makedirs(foreign)
+    with open(os.path.join(foreign, "notes.txt"), "w") as f:
+        f.write("mine")
+    before = _digest(adapter_dir)
+    with pytest.raises(FileExistsError, match="not written by BA-LoRA"):
+        write_servable_layout(adapter_dir)
+    assert _digest(adapter_dir) == before
+
+
+def test_merged_export_keeps_the_base_dtype(tmp_path):
+    """A bf16 base gives a bf16 merged model: the float32 merge rounded once to bf16 (at most one bf16 ulp apart),
+    whose logits are the trained model's up to bf16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama().to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    model = lora(base.float(), init="pissa")  # the bf16 weights, trained in float32
+    add_snapshot_adapter(model)
+    _train(model)
+    adapter_dir = str(tmp_path / "adapter")
+    model.save_pretrained(adapter_dir)
+    BALoRAConfig().save_pretrained(adapter_dir)
+    write_servable_layout(adapter_dir)  # the final output: plain LoRA at the root
+    auto = export_merged(adapter_dir, str(tmp_path / "auto"), base=str(tmp_path / "base"))
+    fp32 = export_merged(adapter_dir, str(tmp_path / "fp32"), base=str(tmp_path / "base"), dtype="float32")
+    w_auto, w_fp32 = (load_file(os.path.join(d, "model.safetensors")) for d in (auto, fp32))
+    assert {v.dtype for v in w_auto.values()} == {torch.bfloat16}
+    assert {v.dtype for v in w_fp32.values()} == {torch.float32}
+    for k in w_auto:
+        torch.testing.assert_close(w_auto[k].float(), w_fp32[k], rtol=2**-7, atol=1e-6, msg=k)
+    with open(os.path.join(auto, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    inputs = _fwd(batch(seed=10))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(auto).eval()(**inputs).logits.float()
+        torch.testing.assert_close(merged, model.eval()(**inputs).logits, rtol=0, atol=5e-2)
+    with pytest.raises(ValueError, match="dtype='int8' is not allowed"):
+        export_merged(adapter_dir, str(tmp_path / "x"), base=str(tmp_path / "base"), dtype="int8")

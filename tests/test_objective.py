@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import batch, lora, tiny_bert_classifier, tiny_llama
+from conftest import CONSTANT, batch, lora, tiny_bert_classifier, tiny_llama
 from torch import nn
 
 from balora_plugins import BALoRAConfig
@@ -55,6 +55,11 @@ def _functional_nlg(cfg, logits, ref_logits, labels):
     )
 
 
+def _cfg(**kw) -> BALoRAConfig:
+    """A config with constant schedules: every term at its full weight at any progress."""
+    return BALoRAConfig(**{**CONSTANT, **kw})
+
+
 def _nlg_setup(cfg, init="pissa", seed=1):
     model = lora(tiny_llama(), init=init)
     obj = BALoRAObjective(cfg).prepare(model)
@@ -63,7 +68,7 @@ def _nlg_setup(cfg, init="pissa", seed=1):
 
 
 CFGS = {
-    "iclr2026": BALoRAConfig(
+    "iclr2026": _cfg(
         lambda_consistency=0.3,
         lambda_diversity=0.2,
         lambda_svd=0.1,
@@ -134,9 +139,7 @@ def test_schedules_evaluated_at_progress():
 
 def test_before_any_update_consistency_is_zero():
     model = lora(tiny_llama(), init="pissa")
-    obj = BALoRAObjective(BALoRAConfig(lambda_diversity=0.0, lambda_svd=0.0, lambda_consistency=1.0)).prepare(
-        model
-    )
+    obj = BALoRAObjective(_cfg(lambda_diversity=0.0, lambda_svd=0.0, lambda_consistency=1.0)).prepare(model)
     inputs = batch()
     model(**inputs)
     loss, metrics = obj.compute(model, inputs)
@@ -148,9 +151,7 @@ def test_before_any_update_consistency_is_zero():
 def test_packed_rows_shift_labels_and_unshifted_mask():
     """Padding-free packing (position_ids restart per document), a collator's `shift_labels`, and the authors'
     unshifted mask all select exactly the rows the functional API selects."""
-    cfg = BALoRAConfig(
-        lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3, diversity_top_k=5
-    )
+    cfg = _cfg(lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3, diversity_top_k=5)
     model, obj = _nlg_setup(cfg)
     ids = batch(b=1, t=14, seed=6)["input_ids"]
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4]])
@@ -185,7 +186,7 @@ def test_packed_rows_shift_labels_and_unshifted_mask():
         float(by_shift), rel=1e-6
     )
 
-    unshifted = BALoRAObjective(BALoRAConfig(shift_labels=False)).prepare(model)
+    unshifted = BALoRAObjective(_cfg(shift_labels=False)).prepare(model)
     obj.remove_hooks()
     with torch.no_grad():
         model(**inputs)
@@ -200,9 +201,7 @@ def test_packed_reference_uses_the_students_attention_mask(checkpointing, use_ca
     documents apart only without a KV cache, and gradient checkpointing switches the cache off in training only:
     the reference forward (eval mode) must still build the student's mask."""
     model = lora(tiny_llama(), init="pissa")
-    obj = BALoRAObjective(BALoRAConfig(lambda_diversity=0.0, lambda_svd=0.0, lambda_consistency=1.0)).prepare(
-        model
-    )
+    obj = BALoRAObjective(_cfg(lambda_diversity=0.0, lambda_svd=0.0, lambda_consistency=1.0)).prepare(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -220,7 +219,7 @@ def test_packed_reference_uses_the_students_attention_mask(checkpointing, use_ca
 
 def test_gradient_checkpointing_and_dropout_do_not_change_the_terms():
     """Training mode with gradient checkpointing gives the eval-mode loss and gradients (dropout 0 here)."""
-    cfg = BALoRAConfig(lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3)
+    cfg = _cfg(lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3)
     inputs = batch()
     results = []
     for checkpointing in (False, True):
@@ -252,9 +251,7 @@ def _accumulate(model, obj, inputs, splits, scaling_for):
 
 def test_gradient_accumulation_invariance_token_terms():
     """4×1, 2×2, 1×4 micro-batches give one big batch's loss and gradients for the token-level terms."""
-    cfg = BALoRAConfig(
-        lambda_consistency=0.5, lambda_diversity=0.3, lambda_svd=0.0, diversity_top_k=5, chunk_size=6
-    )
+    cfg = _cfg(lambda_consistency=0.5, lambda_diversity=0.3, lambda_svd=0.0, diversity_top_k=5, chunk_size=6)
     model, obj = _nlg_setup(cfg)
     inputs = batch(b=4, t=10, seed=3)
     inputs["labels"][1, 3:7] = -100  # uneven valid counts across micro-batches
@@ -280,7 +277,7 @@ def test_gradient_accumulation_invariance_token_terms():
 @pytest.mark.parametrize("host_divides", [False, True])
 def test_svd_term_is_mean_over_micro_batches(host_divides):
     """SVD is a per-micro-batch statistic: an optimizer step sees its mean over the micro-batches."""
-    cfg = BALoRAConfig(lambda_consistency=0.0, lambda_diversity=0.0, lambda_svd=0.4, svd_top_k=2)
+    cfg = _cfg(lambda_consistency=0.0, lambda_diversity=0.0, lambda_svd=0.4, svd_top_k=2)
     model, obj = _nlg_setup(cfg)
     inputs = batch(b=4, t=10, seed=4)
     ga = 2
@@ -342,21 +339,30 @@ def test_loss_scaling_rules_and_from_trainer():
 
 # ---------------------------------------------------------------------------------------------- faults
 def test_micro_batch_without_valid_rows_is_skipped():
-    model, obj = _nlg_setup(BALoRAConfig())
+    model, obj = _nlg_setup(_cfg())
     inputs = batch()
     inputs["labels"][:] = -100
     model(**inputs)
-    with pytest.warns(RuntimeWarning, match="no_valid_rows"):
+    with warnings.catch_warnings():  # legitimate (a truncated prompt): skipped quietly, only counted
+        warnings.simplefilter("error")
         loss, metrics = obj.compute(model, inputs)
     assert float(loss) == 0.0 and torch.isfinite(loss)
     assert metrics["balora/skipped_no_valid_rows"] == 1.0
     assert obj._captured is None  # nothing stale for the next micro-batch
 
 
+def test_micro_batch_without_valid_rows_does_not_raise_under_on_nonfinite_raise():
+    model, obj = _nlg_setup(_cfg(on_nonfinite="raise"))
+    inputs = batch()
+    inputs["labels"][:] = -100
+    for count in (1.0, 2.0):
+        model(**inputs)
+        loss, metrics = obj.compute(model, inputs)
+        assert float(loss) == 0.0 and metrics["balora/skipped_no_valid_rows"] == count
+
+
 def test_nan_reference_skips_only_consistency(monkeypatch):
-    cfg = BALoRAConfig(
-        lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3, diversity_top_k=5
-    )
+    cfg = _cfg(lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3, diversity_top_k=5)
     model, obj = _nlg_setup(cfg)
     real = obj.reference_hidden
     monkeypatch.setattr(obj, "reference_hidden", lambda m: real(m) * float("nan"))
@@ -385,7 +391,7 @@ def _nan_hidden_hook(model):
 
 
 def test_nan_hidden_states_skip_every_term():
-    cfg = BALoRAConfig(lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3)
+    cfg = _cfg(lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_top_k=3)
     model, obj = _nlg_setup(cfg)
     inputs = batch()
     handle = _nan_hidden_hook(model)
@@ -403,7 +409,7 @@ def test_nan_hidden_states_skip_every_term():
 
 
 def test_on_nonfinite_raise():
-    model, obj = _nlg_setup(BALoRAConfig(on_nonfinite="raise"))
+    model, obj = _nlg_setup(_cfg(on_nonfinite="raise"))
     inputs = batch()
     handle = _nan_hidden_hook(model)
     try:
@@ -415,7 +421,7 @@ def test_on_nonfinite_raise():
 
 
 def test_compute_without_forward_or_labels_explains():
-    model, obj = _nlg_setup(BALoRAConfig())
+    model, obj = _nlg_setup(_cfg())
     with pytest.raises(RuntimeError, match="saw no decoder forward"):
         obj.compute(model, batch())
     inputs = batch()
@@ -426,7 +432,7 @@ def test_compute_without_forward_or_labels_explains():
 
 # ---------------------------------------------------------------------------------------------- validation
 def test_validate_model_errors():
-    nlg, nlu = BALoRAConfig(), BALoRAConfig.from_preset("iclr2026-nlu")
+    nlg, nlu = _cfg(), BALoRAConfig.from_preset("iclr2026-nlu")
     with pytest.raises(ValueError, match=r"needs a PEFT LoRA model, got LlamaForCausalLM"):
         BALoRAObjective(nlg).prepare(tiny_llama())
     with pytest.raises(ValueError, match=r"head is trained.*lm_head"):
@@ -451,14 +457,14 @@ def test_validate_model_refuses_quantised_pissa():
     model = lora(tiny_llama(), init="pissa", targets=("q_proj",))
     model.get_base_model().model.layers[0].mlp.extra = Linear4bit(2, 2)
     with pytest.raises(ValueError, match=r"init_lora_weights='pissa' on a quantised base \(Linear4bit\)"):
-        validate_model(model, BALoRAConfig())
+        validate_model(model, _cfg())
     plain = lora(tiny_llama(), init=True, targets=("q_proj",))
     plain.get_base_model().model.layers[0].mlp.extra = Linear4bit(2, 2)
-    validate_model(plain, BALoRAConfig())  # plain LoRA keeps the base untouched: fine
+    validate_model(plain, _cfg())  # plain LoRA keeps the base untouched: fine
     cfg_q = lora(tiny_llama(), init="pissa", targets=("q_proj",))
     cfg_q.get_base_model().config.quantization_config = {"quant_method": "bitsandbytes"}
     with pytest.raises(ValueError, match="quantised base"):
-        validate_model(cfg_q, BALoRAConfig())
+        validate_model(cfg_q, _cfg())
 
 
 # ---------------------------------------------------------------------------------------------- NLU

@@ -6,7 +6,7 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
-from conftest import batch, lora, tiny_llama
+from conftest import CONSTANT, batch, lora, tiny_llama
 
 from balora_plugins import BALoRAConfig
 from balora_plugins import functional as Fn
@@ -54,7 +54,7 @@ class Plugin:
 
 
 CFG = BALoRAConfig(
-    lambda_consistency=0.1, lambda_diversity=0.05, lambda_svd=0.02, svd_top_k=3, diversity_top_k=5
+    lambda_consistency=0.1, lambda_diversity=0.05, lambda_svd=0.02, svd_top_k=3, diversity_top_k=5, **CONSTANT
 )
 
 

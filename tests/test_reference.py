@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch, lora, tiny_llama
+from conftest import perturb as _perturb
 from peft import LoraConfig, get_peft_model
 
 from balora_plugins import BALoRAConfig
@@ -21,15 +22,6 @@ from balora_plugins.core.reference import (
 
 def _fwd(inputs):
     return {k: v for k, v in inputs.items() if k != "labels"}
-
-
-def _perturb(model, adapter="default", seed=1, scale=0.05):
-    """Stand-in for optimizer steps: move every parameter of ``adapter``."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if f".{adapter}." in n:
-                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def _state(model):
@@ -158,7 +150,10 @@ def test_separate_reference_model():
     ref_model.train()
     cfg = BALoRAConfig(lambda_diversity=0.0, lambda_svd=0.0, lambda_consistency=1.0)
     obj = BALoRAObjective(cfg, ref_model=ref_model).prepare(model)
-    assert obj.mode == "model" and REF_ADAPTER not in model.peft_config
+    assert obj.mode == "model"
+    assert (
+        REF_ADAPTER in model.peft_config
+    )  # the step-0 adapter is still kept: the exports and resuming need it
     assert not ref_model.training and not any(p.requires_grad for p in ref_model.parameters())
     _perturb(model)
     out = model(**inputs)

@@ -16,14 +16,14 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import lora, tiny_llama, tiny_tokenizer  # noqa: E402
+from conftest import FakeHub, lora, tiny_llama, tiny_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.core.reference import REF_ADAPTER, adapter_state  # noqa: E402
-from balora_plugins.trl import BALoRASFTTrainer  # noqa: E402
+from balora_plugins.trl import BALoRASFTConfig, BALoRASFTTrainer  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 WORDS = [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
@@ -76,7 +76,7 @@ def peft_config(init="pissa", targets=TARGETS) -> LoraConfig:
     )
 
 
-def sft_args(out, **kw) -> SFTConfig:
+def sft_args(out, config_class=SFTConfig, **kw) -> SFTConfig:
     base = dict(
         output_dir=str(out),
         use_cpu=True,
@@ -94,13 +94,14 @@ def sft_args(out, **kw) -> SFTConfig:
         disable_tqdm=True,
     )
     base.update(kw)
-    return SFTConfig(**base)
+    return config_class(**base)
 
 
 def trainer(out, *, balora=ALL_ON, init="pissa", dataset=None, host=False, wrapped=False, **kw):
     """A BALoRASFTTrainer (or, with ``host=True``, TRL's SFTTrainer) on a fresh tiny llama, given a
     ``peft_config`` (or, with ``wrapped=True``, an existing PeftModel of the same config)."""
     train, eval_ = kw.pop("train_dataset", dataset or prompt_completion()), kw.pop("eval_dataset", None)
+    ref_model = kw.pop("ref_model", None)
     model = lora(tiny_llama(), init=init, r=4, alpha=8, targets=TARGETS) if wrapped else tiny_llama()
     common = dict(
         args=sft_args(out, **kw),
@@ -111,7 +112,7 @@ def trainer(out, *, balora=ALL_ON, init="pissa", dataset=None, host=False, wrapp
     )
     if host:
         return SFTTrainer(model, **common)
-    return BALoRASFTTrainer(model, balora_config=balora, **common)
+    return BALoRASFTTrainer(model, balora_config=balora, ref_model=ref_model, **common)
 
 
 def losses(tr) -> list[float]:
@@ -276,7 +277,7 @@ def test_metrics_in_log_history_and_same_seed_same_losses(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- f) saving
-def test_save_model_writes_config_reference_and_plain_lora(tmp_path):
+def test_save_model_writes_the_servable_adapter_and_the_trainable_form(tmp_path):
     tr = trainer(tmp_path / "run", max_steps=2, init="pissa_niter_4")  # PEFT's fast (randomised) PiSSA SVD
     tr.train()
     out = tmp_path / "final"
@@ -285,8 +286,9 @@ def test_save_model_writes_config_reference_and_plain_lora(tmp_path):
         "adapter_model.safetensors",
         "adapter_config.json",
         "balora_config.json",
-        f"{REF_ADAPTER}/adapter_config.json",
-        "plain_lora/adapter_model.safetensors",
+        "README.md",
+        "balora_resume/adapter_model.safetensors",
+        f"balora_resume/{REF_ADAPTER}/adapter_config.json",
     ):
         assert (out / f).is_file(), f
     assert BALoRAConfig.from_pretrained(out) == tr.balora.config
@@ -298,9 +300,33 @@ def test_save_model_writes_config_reference_and_plain_lora(tmp_path):
             tiny_llama()
         )  # untouched pre-trained weights (the PiSSA residual lives only in the trained model)
         before = base(input_ids=ids).logits
-        served = PeftModel.from_pretrained(base, str(out / "plain_lora")).eval()(input_ids=ids).logits
+        served = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
     assert (trained - before).abs().max() > 1e-3
     torch.testing.assert_close(served, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_push_to_hub_uploads_the_servable_adapter_with_trls_card_and_ours(tmp_path, monkeypatch):
+    """TRL's card (through _tag_names, _name, _paper) plus BA-LoRA's section, on the plain-LoRA root."""
+    from huggingface_hub import ModelCard
+
+    monkeypatch.setattr("trl.trainer.base_trainer.get_trackio_space_url", lambda: None, raising=False)
+    hub = FakeHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    tr = trainer(tmp_path / "run", max_steps=2, hub_model_id="me/tiny-balora")
+    tr.train()
+    tr.push_to_hub()
+    (up,) = hub.uploads
+    assert up["folder"] == str(tmp_path / "run") and up["adapter_config"]["init_lora_weights"] is True
+    assert "balora_resume/adapter_model.safetensors" in up["files"]
+    card = ModelCard(up["card"])
+    assert {"trl", "sft", "ba-lora", "peft"} <= set(card.data.tags)
+    text = card.text
+    assert (
+        "trained with BA-LoRA, a method introduced in" in text and "huggingface.co/papers/2408.04556" in text
+    )
+    assert text.count("@inproceedings{chang2026balora") == 1  # TRL's citation block; ours is not repeated
+    assert "## BA-LoRA" in text and 'PeftModel.from_pretrained(base, "me/tiny-balora")' in text
+    assert "| λ2 diversity (entropy of the top-20 logits) | 0.1 |" in text
 
 
 # ---------------------------------------------------------------------------------------------- g) resume
@@ -314,18 +340,29 @@ def test_resume_restores_reference_and_matches_uninterrupted(tmp_path, monkeypat
         "regularizer_schedule": "warmup",
         "warmup_start": 0.25,
     }
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, balora=scheduled)
+    # PEFT's randomised PiSSA SVD on a PeftModel built before the trainer (TRL seeds its own wrapping): the resumed
+    # process draws another one (the RNG is moved on below), so its initial adapter and residual base differ
+    # from the checkpoint's; resume must restore both.
+    kw = dict(
+        max_steps=4, save_strategy="steps", save_steps=2, balora=scheduled, init="pissa_niter_2", wrapped=True
+    )
     full = trainer(tmp_path / "full", **kw)
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
     assert (ckpt / REF_ADAPTER / "adapter_model.safetensors").is_file()
     snapshot = adapter(full, REF_ADAPTER)
 
+    build = tiny_llama
+
+    def other_draw(seed: int = 0):
+        model = build(seed)
+        torch.manual_seed(1234)  # PEFT's randomised SVD, run inside the trainer, draws from here
+        return model
+
+    monkeypatch.setitem(globals(), "tiny_llama", other_draw)
     resumed = trainer(tmp_path / "resumed", **kw)
-    with torch.no_grad():  # corrupt the in-memory reference: resume must take it from the checkpoint
-        for n, p in resumed.model.named_parameters():
-            if f".{REF_ADAPTER}." in n:
-                p.mul_(0.5)
+    first = adapter(resumed, REF_ADAPTER)
+    assert max(float((first[k] - v).abs().max()) for k, v in snapshot.items()) > 1e-2
     resumed.train(resume_from_checkpoint=str(ckpt))
     for k, v in snapshot.items():
         torch.testing.assert_close(adapter(resumed, REF_ADAPTER)[k], v, rtol=0, atol=0)
@@ -403,6 +440,112 @@ def test_bad_input_refused_at_construction(tmp_path, make_model, pcfg, bal, matc
         )
 
 
+# ---------------------------------------------------------------------------------------------- j) BALoRASFTConfig
+def balora_sft_args(out, **kw) -> BALoRASFTConfig:
+    return sft_args(out, config_class=BALoRASFTConfig, **kw)
+
+
+def test_balora_sft_config_lambda_zero_reproduces_sft_trainer(tmp_path):
+    """The settings in the args instead of balora_config=: λ = 0 gives SFTTrainer's losses, loss for loss."""
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    host = trainer(tmp_path / "host", host=True, **kw)
+    host.train()
+    off = {f"balora_{k}": v for k, v in ALL_OFF.items()}
+    ours = BALoRASFTTrainer(
+        tiny_llama(),
+        args=balora_sft_args(tmp_path / "ours", **kw, **off),
+        train_dataset=prompt_completion(),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config(),
+    )
+    assert ours.balora.config == BALoRAConfig.from_preset("iclr2026-nlg", **ALL_OFF)
+    ours.train()
+    assert len(losses(host)) == 3
+    assert losses(ours) == pytest.approx(losses(host), abs=1e-6)
+    assert "balora/rows" in ours.state.log_history[0]
+
+
+def test_trl_parser_reads_balora_keys_from_yaml_and_the_command_line(tmp_path):
+    from trl import TrlParser
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        "output_dir: out\nuse_cpu: true\nbf16: false\nreport_to: none\n"
+        "balora_preset: v5-nlg\nbalora_lambda_svd: 1e-3\nbalora_regularizer_schedule: quadratic_warmup\n"
+        "balora_schedule_whole_steps: true\nbalora_consistency_schedule: adaptive\n"
+    )
+    parser = TrlParser([BALoRASFTConfig])
+    (args,) = parser.parse_args_and_config(["--config", str(yaml_file), "--balora_warmup_start", "0.3"])
+    expected = BALoRAConfig.from_preset(
+        "v5-nlg",
+        lambda_svd=1e-3,  # PyYAML reads `1e-3` as a string; argparse converts it with the field's type
+        regularizer_schedule="quadratic_warmup",
+        schedule_whole_steps=True,
+        consistency_schedule="adaptive",
+        warmup_start=0.3,
+    )
+    assert args.to_balora_config() == expected
+    assert args.to_dict()["balora_lambda_diversity"] == 3e-4  # unset keys hold the preset's value, recorded
+    (bad,) = [a for a in parser._actions if a.dest == "balora_regularizer_schedule"]
+    assert "linear_warmup" in bad.choices and bad.help.startswith("BA-LoRA: ")
+    with pytest.raises(ValueError, match=r"balora_warmup_ramp=1\.5"):
+        parser.parse_args_and_config(["--config", str(yaml_file), "--balora_warmup_ramp", "1.5"])
+
+
+def test_balora_config_and_args_never_disagree_silently(tmp_path):
+    common = dict(
+        train_dataset=prompt_completion(4), processing_class=tiny_tokenizer(), peft_config=peft_config()
+    )
+    args = balora_sft_args(tmp_path / "a", balora_lambda_svd=0.01)
+    with pytest.raises(ValueError) as err:
+        BALoRASFTTrainer(tiny_llama(), args=args, balora_config="iclr2026-nlg", **common)
+    assert "balora_config.lambda_svd=0.005" in str(err.value) and "args.balora_lambda_svd=0.01" in str(
+        err.value
+    )
+    agreeing = BALoRASFTTrainer(
+        tiny_llama(),
+        args=args,
+        balora_config=BALoRAConfig.from_preset("iclr2026-nlg", lambda_svd=0.01),
+        **common,
+    )
+    assert agreeing.balora.config.lambda_svd == 0.01
+    # args that set nothing take balora_config= and then record it
+    quiet = balora_sft_args(tmp_path / "b")
+    v5 = BALoRASFTTrainer(tiny_llama(), args=quiet, balora_config="v5-nlg", **common)
+    assert v5.balora.config == BALoRAConfig.from_preset("v5-nlg")
+    assert quiet.balora_svd_top_k == 3 and quiet.to_balora_config() == v5.balora.config
+
+
+def test_metrics_go_to_trls_store(tmp_path):
+    """One metric store: balora/* values land in TRL's `_metrics` and SFTTrainer.log reduces them; a skip count
+    is reported as its latest value, not a mean of counts."""
+    tr = trainer(tmp_path)
+    assert not hasattr(tr, "_balora_metrics")
+    for count, value in ((1.0, 0.5), (2.0, 0.7)):
+        tr._balora_record({"balora/skipped_svd": count, "balora/svd": value}, "train")
+    assert tr._metrics["train"]["balora/svd"] == [0.5, 0.7]
+    tr.model.train()
+    tr.log({"loss": 1.0})
+    last = tr.state.log_history[-1]
+    assert last["balora/skipped_svd"] == 2.0 and last["balora/svd"] == pytest.approx(0.6)
+
+
+def test_ref_model_by_path_is_loaded_like_the_student(tmp_path):
+    """A reference given as a path loads with the student's dtype on its device and trains exactly as the same
+    model passed as an object."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    runs = {}
+    for name, ref in (("object", tiny_llama()), ("path", str(tmp_path / "base"))):
+        runs[name] = trainer(tmp_path / name, ref_model=ref, balora={**ALL_ON, "reference": "model"})
+        runs[name].train()
+    loaded = runs["path"].balora.ref_model
+    assert (
+        type(loaded).__name__ == "LlamaForCausalLM" and loaded.dtype == torch.float32 and not loaded.training
+    )
+    assert losses(runs["path"]) == losses(runs["object"])
+    assert runs["path"].state.log_history[-2]["balora/consistency"] > 0
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 @pytest.mark.slow
 def test_recipe_tiny_runs(tmp_path):
@@ -419,7 +562,6 @@ def test_recipe_tiny_runs(tmp_path):
     for f in (
         "adapter_model.safetensors",
         "balora_config.json",
-        f"{REF_ADAPTER}/adapter_config.json",
-        "plain_lora/adapter_config.json",
+        f"balora_resume/{REF_ADAPTER}/adapter_config.json",
     ):
         assert (tmp_path / f).is_file(), f

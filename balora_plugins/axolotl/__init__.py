@@ -8,11 +8,13 @@ Hooks, in the order axolotl calls them:
   ``adapter: lora``, no RL / reward model / ReLoRA, no MLP/embedding LoRA kernels.
 * ``pre_lora_load``: under DeepSpeed ZeRO-3, keeps the DeepSpeed config registered so PEFT's PiSSA init gathers
   the partitioned base weights (axolotl drops it after loading the model).
-* ``post_lora_load``: validates the PEFT model and adds the frozen snapshot of the initial (PiSSA) adapter.
+* ``post_lora_load``: validates the PEFT model, decides the reference and adds the frozen snapshot of the initial
+  adapter on a rewritten base (PiSSA created here, or a pre-initialised PiSSA pair from ``lora_model_dir``).
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
 * ``get_trainer_cls`` / ``post_trainer_create``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT
   trainer with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), set up with the YAML's config.
-* ``post_train``: saves the final adapter through the trainer and writes ``plain_lora/`` beside it.
+* ``post_train`` (called twice by axolotl): makes ``output_dir`` the artefact users serve — the plain-LoRA adapter
+  for the untouched base at its root, the trainable form in ``balora_resume/``, BA-LoRA's model card.
 
 axolotl only *logs* a plugin whose import raises ``ImportError`` and then drops its keys, so a broken install
 is turned into a ``RuntimeError`` here: the run stops instead of training without BA-LoRA.
@@ -25,8 +27,8 @@ try:
     from axolotl.utils.logging import get_logger
 
     from ..core.distributed import zero3_config_for_adapter_init
-    from ..core.objective import BALoRAObjective
-    from ..core.reference import REF_ADAPTER, has_residual_base, unwrap
+    from ..core.model import validate_model
+    from ..core.reference import REF_ADAPTER, init_rewrites_base, lora_init, prepare_reference, unwrap
     from .args import KERNEL_KEYS, KERNEL_REASON, BALoRAArgs, balora_config_from_cfg, plugin_listed
 except ImportError as _exc:  # axolotl would swallow an ImportError and train without BA-LoRA
     raise RuntimeError(
@@ -46,13 +48,14 @@ class BALoRAPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._trainer = None
+        self._post_train_calls = 0
         self._zero3_config = None  # transformers keeps only a weak reference to it
 
     def get_input_args(self) -> str:
         return "balora_plugins.axolotl.args.BALoRAArgs"
 
     def register(self, cfg):
-        self._trainer = None  # axolotl keeps one plugin instance per process ...
+        self._trainer, self._post_train_calls = None, 0  # axolotl keeps one plugin instance per process ...
         if not plugin_listed(cfg):  # ... and calls every registered plugin's hooks, listed or not
             return
         unset = [k for k in KERNEL_KEYS if cfg.get(k) is None]
@@ -71,15 +74,21 @@ class BALoRAPlugin(BasePlugin):
         if not plugin_listed(cfg):
             return
         peft_model = unwrap(model)
-        if cfg.lora_model_dir and has_residual_base(peft_model):
+        config = balora_config_from_cfg(cfg)
+        if cfg.lora_model_dir and init_rewrites_base(lora_init(peft_model)):
+            # PEFT re-ran the init on load (its config names it): the base is a fresh residual and the adapter
+            # holds the saved weights, so neither the step-0 adapter nor the base it was trained on is here.
             raise ValueError(
-                f"lora_model_dir={cfg.lora_model_dir!r} holds a PiSSA-type adapter: its frozen base must be the "
-                "residual it was trained on, and its step-0 adapter is not the one loaded. Resume a BA-LoRA run with "
-                "`resume_from_checkpoint`, or start from a plain-init LoRA adapter."
+                f"lora_model_dir={cfg.lora_model_dir!r} holds an adapter whose config says init_lora_weights="
+                f"{lora_init(peft_model)!r}: PEFT ran that init again on load, rewriting the base, so the adapter is "
+                "not on the base it was saved with. Resume a BA-LoRA run with `resume_from_checkpoint`; or load a "
+                "pre-initialised PiSSA pair the way PEFT's recipe saves it — `base_model:` the residual model, "
+                "`lora_model_dir:` the adapter saved with init_lora_weights=True (BA-LoRA recognises the pair); or "
+                "start from a plain-init LoRA adapter."
             )
-        objective = BALoRAObjective(balora_config_from_cfg(cfg)).prepare(peft_model)  # adds the snapshot
-        objective.remove_hooks()  # the trainer's own objective captures the forwards
-        LOG.info("BA-LoRA: reference mode %r, config %s", objective.mode, objective.config.to_dict())
+        validate_model(peft_model, config)
+        mode = prepare_reference(peft_model, config.reference)  # adds the snapshot on a rewritten base
+        LOG.info("BA-LoRA: reference mode %r, config %s", mode, config.to_dict())
 
     def post_model_load(self, cfg, model):
         if not plugin_listed(cfg):
@@ -108,11 +117,20 @@ class BALoRAPlugin(BasePlugin):
         self._trainer = trainer
 
     def post_train(self, cfg, model):
-        # axolotl calls post_train right after trainer.train() and again after its own final save
-        # (model.save_pretrained, which bypasses Trainer.save_model): save and export on the first call,
-        # before axolotl's hub push, through the trainer's own save path.
-        trainer, self._trainer = self._trainer, None
+        # axolotl 0.19 - 0.21 (axolotl/train.py) calls post_train twice: right after trainer.train(), and at the very
+        # end of train(), after its own final save (save_trained_model: model.save_pretrained(output_dir), which
+        # bypasses Trainer.save_model and writes the trainable PiSSA form back to the root), its model card or hub
+        # push (through trainer.push_to_hub, whose save writes the artefact before the upload) and the teardown of
+        # the process group.
+        trainer = self._trainer
         if trainer is None:
             return
-        trainer.save_model(cfg.output_dir, _internal_call=True)  # adapter, balora_ref/, balora_config.json
-        trainer._balora_export(cfg.output_dir)
+        self._post_train_calls += 1
+        if self._post_train_calls == 1:
+            # every rank is here, so the trainer's save may gather weights (DeepSpeed / FSDP); it ends with the
+            # artefact, in case axolotl's own save below returns early (ReLoRA, expert parallel)
+            trainer.save_model(cfg.output_dir, _internal_call=True)
+        else:
+            # no process group any more: file operations on the main process only, on what axolotl saved
+            trainer._balora_write_artefacts(cfg.output_dir)
+            self._trainer = None

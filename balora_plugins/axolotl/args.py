@@ -60,7 +60,7 @@ def _not_bool(value: Any) -> Any:
 def _field_type(name: str, hint: Any) -> Any:
     if name in CHOICES:
         return Literal[CHOICES[name]]
-    if hint in (int, float):
+    if hint in (int, float, float | None):  # float | None: the adaptive λ1 bounds
         return Annotated[hint, BeforeValidator(_not_bool)]
     return hint
 

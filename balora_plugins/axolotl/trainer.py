@@ -1,7 +1,7 @@
 """The trainer the BA-LoRA plugin hands to axolotl: axolotl's own SFT trainer with the shared mixin in front.
 
 Packing, optimizers, schedulers and checkpointing stay axolotl's; :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`
-adds the regularizer, the saved reference and the plain-LoRA export. Metrics go through axolotl's metric
+adds the regularizer, the saved reference and the artefact users serve (README "What you get after training"). Metrics go through axolotl's metric
 store (``store_metrics``), so they are reduced and rounded like axolotl's own and reach every ``report_to``.
 """
 
@@ -18,7 +18,9 @@ from ..trainer_mixin import BALoRATrainerMixin
 class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
     """``AxolotlTrainer`` + BA-LoRA. Set up by the plugin's ``post_trainer_create``, or pass ``balora_config=``."""
 
-    tag_names = ["axolotl", "ba-lora"]
+    # axolotl's push_to_hub passes these to the card (AxolotlTrainer.push_to_hub); BA-LoRA's card update adds them
+    # on every save (core/card.py).
+    tag_names = ["axolotl", "ba-lora", "peft"]
 
     def __init__(self, *args: Any, balora_config=None, **kwargs: Any):
         super().__init__(*args, **kwargs)

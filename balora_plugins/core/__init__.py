@@ -17,12 +17,23 @@ from .hookspecs import hookimpl
 from .model import check_reference_head, decoder_of, output_head, validate_model
 from .objective import BALoRAObjective, LossScaling
 from .plugins import collect_terms, plugin_manager
-from .reference import REF_ADAPTER, has_residual_base, is_peft_model, reference_mode, unwrap
+from .reference import (
+    REF_ADAPTER,
+    AdapterStart,
+    adapter_start,
+    has_residual_base,
+    init_rewrites_base,
+    is_peft_model,
+    prepare_reference,
+    reference_mode,
+    unwrap,
+)
 from .terms import MATRIX, ROW, Consistency, EntropyDiversity, KLRows, NegEntropyRows, SVDShare, Term
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "AdapterStart",
     "BALoRAObjective",
     "Consistency",
     "EntropyDiversity",
@@ -38,6 +49,7 @@ __all__ = [
     "ROW",
     "SVDShare",
     "Term",
+    "adapter_start",
     "check_reference_head",
     "chunked_row_terms",
     "clear_factor_cache",
@@ -48,10 +60,12 @@ __all__ = [
     "find_initial_adapter",
     "has_residual_base",
     "hookimpl",
+    "init_rewrites_base",
     "is_peft_model",
     "load_initial_adapter",
     "output_head",
     "plugin_manager",
+    "prepare_reference",
     "reference_mode",
     "require_empty_dir",
     "save_initial_adapter",

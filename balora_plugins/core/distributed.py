@@ -153,16 +153,22 @@ def _adapter_named(peft_model: nn.Module, adapter: str) -> list[tuple[str, torch
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+def adapter_is_sharded(peft_model: nn.Module, adapter: str, *, wrapped: nn.Module | None = None) -> bool:
+    """Whether an engine shards adapter ``adapter`` (ZeRO-3, FSDP2; FSDP1 when ``wrapped`` is its root)."""
+    return fsdp1_root(wrapped) is not None or any(
+        is_sharded(p) for p in adapter_parameters(peft_model, adapter)
+    )
+
+
 def full_adapter_state(
     peft_model: nn.Module, adapter: str, *, wrapped: nn.Module | None = None, always: bool = False
 ) -> dict[str, torch.Tensor] | None:
     """Full CPU copies of adapter ``adapter``'s weights (PEFT's saved key layout) when an engine shards them (or
     ``always``), else None (read them with PEFT). Collective under ZeRO-3, FSDP1 (``wrapped``: the engine's
     model) and FSDP2."""
-    named = _adapter_named(peft_model, adapter)
-    fsdp1 = fsdp1_root(wrapped) if wrapped is not None else None
-    if not always and fsdp1 is None and not any(is_sharded(p) for _, p in named):
+    if not always and not adapter_is_sharded(peft_model, adapter, wrapped=wrapped):
         return None
+    named, fsdp1 = _adapter_named(peft_model, adapter), fsdp1_root(wrapped)
     with gathered([p for _, p in named], fsdp1=fsdp1):
         return {
             key: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
@@ -177,10 +183,9 @@ def load_adapter_state(
     returns False, having done nothing, when it does not (load with PEFT). Collective like
     :func:`full_adapter_state`: ZeRO-3 writes rank 0's copy to every partition, FSDP1 writes back every shard,
     FSDP2 copies each rank's slice."""
-    named = _adapter_named(peft_model, adapter)
-    fsdp1 = fsdp1_root(wrapped) if wrapped is not None else None
-    if fsdp1 is None and not any(is_sharded(p) for _, p in named):
+    if not adapter_is_sharded(peft_model, adapter, wrapped=wrapped):
         return False
+    named, fsdp1 = _adapter_named(peft_model, adapter), fsdp1_root(wrapped)
     missing = [key for key, _ in named if key not in state]
     if missing:
         raise KeyError(
@@ -245,7 +250,7 @@ def check_engine(accelerator: Any) -> None:
         if str(gather).lower() != "true":
             raise ValueError(
                 f"DeepSpeed ZeRO-3 with zero_optimization.{key}={gather!r}: the trainer then saves no adapter weights "
-                "(only DeepSpeed's sharded checkpoint), so BA-LoRA's plain_lora/ export has nothing to read. Set "
+                "(only DeepSpeed's sharded checkpoint), so BA-LoRA has no adapter to convert to plain LoRA. Set "
                 f'"{key}": true in the DeepSpeed config (axolotl\'s bundled zero3*.json do), or use ZeRO-2.'
             )
     if fsdp_version(accelerator) == 1:
@@ -261,7 +266,7 @@ def check_engine(accelerator: Any) -> None:
             raise ValueError(
                 f"FSDP1 (fsdp_version: 1) with PEFT {'.'.join(map(str, peft))}: PEFT 0.21 saves an empty adapter "
                 "under FSDP1 (it matches the adapter's keys against module names that still carry FSDP1's wrapper "
-                "prefix), so the trained adapter and BA-LoRA's plain_lora/ export would be lost. Use FSDP2 "
+                "prefix), so the trained adapter and its plain-LoRA conversion would be lost. Use FSDP2 "
                 "(fsdp_version: 2), DeepSpeed, or PEFT 0.20."
             )
     parallel = getattr(accelerator, "parallelism_config", None)

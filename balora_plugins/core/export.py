@@ -2,8 +2,15 @@
 
 With the frozen base W_res = W − s·B₀A₀ and the trained adapter (B, A), the served weight is
 W_res + s·BA = W + s·(BA − B₀A₀). The difference is a rank-2r LoRA: A' = [A; A₀], B' = [B, −B₀], with the
-same scaling s (so α' = 2α for ``α/r`` scaling, α' = √2·α for rsLoRA). This is PEFT's
-``path_initial_model_for_weight_conversion`` computed on state dicts, so it needs no base model in memory.
+same scaling s (so α' = 2α for ``α/r`` scaling, α' = √2·α for rsLoRA; a DoRA magnitude carries over unchanged,
+since W + s·B'A' is the same matrix as W_res + s·BA). This is PEFT's ``path_initial_model_for_weight_conversion``
+computed on state dicts, so it needs no base model in memory.
+
+The final output of a BA-LoRA run (README "What you get after training") holds that plain adapter at its root,
+where every tool looks (PEFT, ``axolotl merge-lora``, vLLM, lm-eval, the Hub), and the residual-base form with its
+step-0 adapter in :data:`RESUME_DIR` for continued training (:func:`write_servable_layout`). Checkpoints keep the
+residual-base form at their root. Every reader here accepts both layouts, and 0.1.0's (residual-base form at the
+root, ``plain_lora/`` beside it).
 """
 
 from __future__ import annotations
@@ -18,11 +25,20 @@ from safetensors.torch import load_file, save_file
 
 from ..config import CONFIG_NAME
 from .distributed import load_adapter_state
-from .reference import REF_ADAPTER, adapter_state
+from .reference import REF_ADAPTER, adapter_state, init_is_approximate, init_rewrites_base
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 INITIAL_DIR = REF_ADAPTER  # PEFT saves the snapshot adapter in this sub-folder too
+# In a final output: the residual-base adapter, its INITIAL_DIR and balora_config.json, for continued training.
+RESUME_DIR = "balora_resume"
+_ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin")
+MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+APPROXIMATE_REASON = (
+    "LoftQ replaces the base weight W by its quantised Q(W), and Q(W) + s·B0A0 only approximates W, so no LoRA "
+    "adapter reproduces the trained model on the untouched base; serve the adapter as saved, on the quantised base "
+    "it was trained on (LoftQ's own recipe)"
+)
 
 
 def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -40,9 +56,56 @@ def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     raise FileNotFoundError(f"{directory!r} holds no {ADAPTER_WEIGHTS}.")
 
 
-def find_initial_adapter(adapter_dir: str) -> str | None:
-    """Where the initial (step-0) adapter of ``adapter_dir`` was saved, if anywhere."""
+def _read_config(directory: str) -> dict | None:
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _own_initial_adapter(adapter_dir: str) -> str | None:
+    """``adapter_dir/balora_ref`` when the step-0 adapter was saved right beside the adapter, else None."""
     cand = os.path.join(adapter_dir, INITIAL_DIR)
+    return cand if os.path.isfile(os.path.join(cand, ADAPTER_CONFIG)) else None
+
+
+def needs_conversion(adapter_config: dict, adapter_dir: str | None = None) -> bool:
+    """True when the adapter saved in ``adapter_dir`` (its ``adapter_config.json`` as a dict) sits on a rewritten
+    base and needs :func:`export_plain_lora` before it serves on the untouched base.
+
+    Read from what training left on disk — the on-disk half of :func:`~balora_plugins.core.reference.adapter_start`:
+    the config names an init that rewrites the base (``init_rewrites_base``: PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ),
+    or the step-0 adapter was recorded right beside it (``balora_ref/``, written exactly when the base was
+    rewritten — also for a pre-initialised PiSSA pair whose config says ``init_lora_weights=True``). The converted
+    root of a final output has neither, so converting is idempotent.
+    """
+    init = adapter_config.get("init_lora_weights", True)
+    return init_rewrites_base(init) or (
+        adapter_dir is not None and _own_initial_adapter(adapter_dir) is not None
+    )
+
+
+def resume_adapter_dir(path: str) -> str:
+    """The folder holding the trainable (residual-base) form of the adapter saved in ``path``.
+
+    ``path/balora_resume`` for the final output of a BA-LoRA run (its root holds the converted plain LoRA);
+    ``path`` itself for a checkpoint, a plain-init run, or an output written by balora-plugins 0.1.0.
+    """
+    sub = os.path.join(path, RESUME_DIR)
+    if not os.path.isfile(os.path.join(sub, ADAPTER_CONFIG)):
+        return path
+    root = _read_config(path)
+    return path if root is not None and needs_conversion(root, path) else sub
+
+
+def find_initial_adapter(adapter_dir: str) -> str | None:
+    """Where the initial (step-0) adapter of ``adapter_dir`` was saved, if anywhere.
+
+    ``adapter_dir/balora_ref`` for a checkpoint (or a 0.1.0 output), ``adapter_dir/balora_resume/balora_ref`` for
+    the final output of a BA-LoRA run (see :func:`resume_adapter_dir`).
+    """
+    cand = os.path.join(resume_adapter_dir(adapter_dir), INITIAL_DIR)
     return cand if os.path.isfile(os.path.join(cand, ADAPTER_CONFIG)) else None
 
 
@@ -82,16 +145,23 @@ def export_plain_lora(
 ) -> str:
     """Write a plain LoRA adapter for ``adapter_dir`` into ``out_dir`` and return ``out_dir``.
 
-    ``initial_dir`` defaults to the initial adapter saved in its ``balora_ref/`` sub-folder.
-    An adapter trained with ordinary LoRA init is copied unchanged (it already serves on the base model).
-    Refuses to write into a non-empty ``out_dir`` unless ``overwrite``.
+    The adapter is converted (rank 2r, docs/method.md §1) when it sits on a rewritten base
+    (:func:`needs_conversion`): its config names an init that rewrites the base, or a step-0 adapter was recorded
+    beside it in ``balora_ref/`` — BA-LoRA saves it exactly when the base was rewritten, also for an adapter loaded
+    pre-initialised whose config says ``init_lora_weights=True`` — or ``initial_dir`` is given. Otherwise — ordinary
+    LoRA init, or the root of a BA-LoRA run's final output, already converted — the adapter already serves on the
+    base and is copied unchanged. A LoftQ adapter is refused (:data:`APPROXIMATE_REASON`). Refuses to write into a
+    non-empty ``out_dir`` unless ``overwrite``.
     """
     cfg, trained = _read_adapter(adapter_dir)
-    require_empty_dir(out_dir, overwrite)
     init = cfg.get("init_lora_weights", True)
-    residual = isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
-    if residual:
-        initial_dir = initial_dir or find_initial_adapter(adapter_dir)
+    if init_is_approximate(init):
+        raise ValueError(
+            f"{adapter_dir!r} was trained with init_lora_weights={init!r}: {APPROXIMATE_REASON}."
+        )
+    require_empty_dir(out_dir, overwrite)
+    if initial_dir is not None or needs_conversion(cfg, adapter_dir):
+        initial_dir = initial_dir or _own_initial_adapter(adapter_dir)
         if initial_dir is None:
             raise FileNotFoundError(
                 f"{adapter_dir!r} was trained with init_lora_weights={init!r} but its initial adapter is missing; "
@@ -113,6 +183,62 @@ def export_plain_lora(
         if os.path.isfile(src):
             shutil.copy(src, os.path.join(out_dir, extra))
     return out_dir
+
+
+def write_servable_layout(output_dir: str) -> str | None:
+    """Give the final output ``output_dir`` the layout users serve; returns the :data:`RESUME_DIR` path, or None.
+
+    A PiSSA-trained adapter is only correct on the residual base it was trained against, so the adapter the host has
+    just saved at the root in that form (with its step-0 adapter in ``balora_ref/``) moves — copied, then replaced —
+    into ``balora_resume/`` together with ``balora_ref/`` and ``balora_config.json``, and the root gets the plain
+    rank-2r LoRA of the same model (:func:`export_plain_lora`): it loads with plain PEFT on the untouched base. This is
+    PEFT's own convention (``save_pretrained(path, path_initial_model_for_weight_conversion=...)`` writes the
+    converted adapter at ``path``).
+
+    Pure file operations (call it on the main process only); idempotent: None, with nothing changed, when the root
+    needs no conversion (ordinary LoRA init, no adapter, or converted by an earlier call). A ``balora_resume/`` left
+    by an earlier save (it holds ``balora_config.json``) is replaced; any other non-empty one is refused. When the
+    root lacks ``balora_ref/`` (a host save that wrote only the trained adapter) the one already in
+    ``balora_resume/`` is used: the step-0 adapter never changes during a run.
+    """
+    cfg = _read_config(output_dir)
+    if cfg is None or not needs_conversion(cfg, output_dir):
+        return None
+    if init_is_approximate(cfg.get("init_lora_weights")):
+        return None  # LoftQ: no servable plain LoRA exists (APPROXIMATE_REASON); the root stays as trained
+    resume = os.path.join(output_dir, RESUME_DIR)
+    if os.path.isdir(resume) and os.listdir(resume) and not os.path.isfile(os.path.join(resume, CONFIG_NAME)):
+        raise FileExistsError(
+            f"{resume!r} is not empty and was not written by BA-LoRA; it is where the trained adapter's "
+            "residual-base form goes. Move that folder away or save to another output directory."
+        )
+    initial = os.path.join(output_dir, INITIAL_DIR)
+    if not os.path.isfile(os.path.join(initial, ADAPTER_CONFIG)):
+        initial = os.path.join(resume, INITIAL_DIR)
+        if not os.path.isfile(os.path.join(initial, ADAPTER_CONFIG)):
+            raise FileNotFoundError(
+                f"{output_dir!r} holds an adapter trained with init_lora_weights={cfg['init_lora_weights']!r} but no "
+                f"{INITIAL_DIR}/ (its step-0 adapter), so it cannot be converted to plain LoRA. Save it through a "
+                "BA-LoRA trainer (trainer.save_model), which writes both."
+            )
+    # Build the new balora_resume/ beside the old one, then swap: a failure leaves the root as the host saved it.
+    # The "_" prefix keeps a leftover out of Trainer.push_to_hub's upload (it ignores "_*").
+    staging = os.path.join(output_dir, f"_{RESUME_DIR}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(initial, os.path.join(staging, INITIAL_DIR))
+    for name in (*_ADAPTER_FILES, CONFIG_NAME):
+        src = os.path.join(output_dir, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(staging, name))
+    shutil.rmtree(resume, ignore_errors=True)
+    os.replace(staging, resume)
+    export_plain_lora(resume, output_dir, overwrite=True)  # rewrites the root's adapter_config + weights
+    shutil.rmtree(os.path.join(output_dir, INITIAL_DIR), ignore_errors=True)
+    # a residual-form adapter_model.bin left at the root must not shadow the export
+    legacy = os.path.join(output_dir, "adapter_model.bin")
+    if os.path.isfile(legacy):
+        os.remove(legacy)
+    return resume
 
 
 def save_initial_adapter(
@@ -161,14 +287,22 @@ def load_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADA
         p.requires_grad_(n in trainable)
 
 
-def export_merged(adapter_dir: str, out: str, *, base: str | None = None, overwrite: bool = False) -> str:
+def export_merged(
+    adapter_dir: str, out: str, *, base: str | None = None, overwrite: bool = False, dtype: str = "auto"
+) -> str:
     """Write the merged full model of ``adapter_dir`` on the untouched ``base`` into ``out``; returns ``out``.
 
-    The adapter is first converted to plain LoRA (:func:`export_plain_lora`), so a PiSSA-trained adapter merges
-    into the untouched base; ``base`` defaults to the adapter's ``base_model_name_or_path``.
+    The adapter is first converted to plain LoRA (:func:`export_plain_lora`; the root of a BA-LoRA run's final output
+    already is), so a PiSSA-trained adapter merges into the untouched base; ``base`` defaults to the adapter's
+    ``base_model_name_or_path``. ``dtype`` is the merged model's: ``"auto"`` (default) keeps the base checkpoint's
+    own dtype (a bf16 base gives a bf16 model), or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. PEFT loads the
+    adapter in float32 (``autocast_adapter_dtype``), so the update s·B'A' is formed in float32 and rounded once,
+    when it is added to the base weight.
     """
     import tempfile
 
+    if dtype not in MERGE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(MERGE_DTYPES)}.")
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
         cfg = json.load(f)
     base = base or cfg.get("base_model_name_or_path")
@@ -182,15 +316,16 @@ def export_merged(adapter_dir: str, out: str, *, base: str | None = None, overwr
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    load_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         plain = export_plain_lora(adapter_dir, os.path.join(tmp, "plain_lora"))
         if cfg.get("task_type") == "SEQ_CLS":
             num_labels = _num_labels(plain)
             model = AutoModelForSequenceClassification.from_pretrained(
-                base, num_labels=num_labels, dtype=torch.float32
+                base, num_labels=num_labels, dtype=load_dtype
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype)
         merged = PeftModel.from_pretrained(model, plain).merge_and_unload()
         merged.save_pretrained(out)
     try:
@@ -228,6 +363,10 @@ def require_empty_dir(path: str, overwrite: bool = False, *, what: str = "output
 
 __all__ = [
     "require_empty_dir",
+    "write_servable_layout",
+    "resume_adapter_dir",
+    "needs_conversion",
+    "RESUME_DIR",
     "export_merged",
     "export_plain_lora",
     "convert_state_dicts",
@@ -237,4 +376,5 @@ __all__ = [
     "find_initial_adapter",
     "adapter_state",
     "INITIAL_DIR",
+    "APPROXIMATE_REASON",
 ]

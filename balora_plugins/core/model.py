@@ -3,10 +3,17 @@ model can be trained correctly at all (checked before step 1, with errors that n
 
 The NLG terms read the decoder backbone's final hidden states (the stable place every TRL / transformers version
 computes, whatever loss the host runs) and send them through the frozen output head (:class:`OutputHead`).
+Two checks on behaviour guard that path, on one probe forward of a few tokens at preparation
+(:func:`replay_backbone`): the reference replays the backbone's inputs, so nothing trained may run before it
+(a VLM's vision tower, projector or embedding with an adapter: the whole multimodal backbone is replayed
+instead); and the fused head must reproduce the model's own logits (:func:`check_head_reproduces_logits`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
 from ..config import BALoRAConfig
@@ -49,6 +56,169 @@ def output_head(model: nn.Module) -> OutputHead:
     return OutputHead(weight=weight, bias=bias, scale=scale, softcap=softcap, source=source)
 
 
+# ---------------------------------------------------------------------------------------------- the replayed backbone
+def _in_adapter(param_name: str, adapter: str) -> bool:
+    return f".{adapter}." in param_name or param_name.endswith(f".{adapter}")
+
+
+def check_trained_parameters(peft_model: nn.Module, adapter: str = "default") -> None:
+    """Every trainable parameter must belong to the trained adapter: the reference switches adapters, so a trained
+    *base* parameter (PEFT's ``bias='all'`` / ``'lora_only'``, layers unfrozen by hand) would move the reference
+    along with the student. Needed for the snapshot and disabled-adapter references (not for a separate model)."""
+    bad = [n for n, p in peft_model.named_parameters() if p.requires_grad and not _in_adapter(n, adapter)]
+    if bad:
+        raise ValueError(
+            f"BA-LoRA's reference is the trained model with its adapter switched, but {len(bad)} trainable "
+            f"parameter(s) belong to no adapter (e.g. {bad[:3]}); they would change the reference along with the "
+            "model, which is then not the pre-trained one. Freeze them (LoraConfig(bias='none'), no unfrozen base "
+            "layers) and train extra modules through modules_to_save, or pass the pre-trained model as ref_model=."
+        )
+
+
+@dataclass
+class Probe:
+    """One forward of a few tokens: the model's logits (1, n, V), the backbone's final hidden states (1, n, d), and
+    the trained modules that ran outside the backbone's forward (their effect would not be replayed)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    ran_outside: list[str]
+
+
+def _probe_ids(base: nn.Module, n: int = 8) -> torch.Tensor:
+    """(1, n) ordinary token ids: the lowest ids that no ``*_token_id`` / ``*_token_index`` of the config names (a
+    VLM's image token would ask for pixel values)."""
+    special: set[int] = set()
+    cfgs = [base.config]
+    if hasattr(base.config, "get_text_config"):
+        cfgs.append(base.config.get_text_config())
+    for cfg in cfgs:
+        for key, value in cfg.to_dict().items():
+            if key.endswith(("token_id", "token_index", "token_ids")):
+                for v in value if isinstance(value, list | tuple) else [value]:
+                    if isinstance(v, int):
+                        special.add(v)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    ids = [i for i in range(vocab) if i not in special][:n]
+    return torch.tensor([ids])
+
+
+def probe(peft_model: nn.Module, backbone: nn.Module, watched: dict[str, nn.Module]) -> Probe:
+    """Run the model (adapter as it is) on a few tokens, no grad, every module in eval mode; restores the modules'
+    train/eval flags and the RNG. ``watched`` modules are checked to run inside ``backbone``'s forward."""
+    base = peft_model.get_base_model()
+    device = next(p.device for p in base.parameters())
+    ids = _probe_ids(base).to(device)
+    depth, seen, outside = [0], {}, []
+
+    def enter(module, args):
+        depth[0] += 1
+
+    def leave(module, args, output):
+        depth[0] -= 1
+        seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def watch(name):
+        def hook(module, args):
+            if depth[0] == 0 and name not in outside:
+                outside.append(name)
+
+        return hook
+
+    handles = [backbone.register_forward_pre_hook(enter), backbone.register_forward_hook(leave)]
+    handles += [m.register_forward_pre_hook(watch(n)) for n, m in watched.items()]
+    training = [(m, m.training) for m in peft_model.modules()]
+    cuda = sorted({p.device.index or 0 for p in peft_model.parameters() if p.device.type == "cuda"})
+    try:
+        peft_model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training:
+            m.training = flag
+    return Probe(logits=out.logits, hidden=seen["hidden"], ran_outside=outside)
+
+
+def _trained_modules(base: nn.Module, adapter: str) -> dict[str, nn.Module]:
+    """Modules (named relative to ``base``) that apply the adapter or hold a trainable parameter: the PEFT layer
+    (LoRA layer, ``modules_to_save`` wrapper) around an adapter parameter, else the parameter's own module."""
+    modules = dict(base.named_modules())
+    tuners = {n for n, m in modules.items() if hasattr(m, "_active_adapter")}
+    owners = set()
+    for name, p in base.named_parameters():
+        if not (p.requires_grad or _in_adapter(name, adapter) or _in_adapter(name, ref.REF_ADAPTER)):
+            continue
+        parts = name.split(".")[:-1]
+        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        owners.add(next((q for q in prefixes if q in tuners), ".".join(parts)))
+    return {n: modules[n] for n in owners if n in modules}
+
+
+def _probe_possible(base: nn.Module) -> bool:
+    """A probe forward needs materialised weights: not on the meta device, not ZeRO-3 partitioned placeholders."""
+    return not any(p.device.type == "meta" or hasattr(p, "ds_id") for p in base.parameters())
+
+
+def replay_backbone(peft_model: nn.Module, adapter: str = "default") -> tuple[str, nn.Module, Probe | None]:
+    """The module whose forward the NLG reference replays, its path in the base model, and its probe.
+
+    The reference re-runs this module on the inputs the student's forward gave it, so every trained module must
+    run inside it. The decoder (``get_decoder()``) is tried first (cheapest); when an adapter, ``modules_to_save``
+    or a trainable parameter lies outside it or runs before it — a VLM's vision tower, projector or input
+    embedding — the base model's whole backbone (``base_model_prefix``, e.g. ``LlavaModel``: vision + projector
+    + language model) is replayed instead. Checked on behaviour with :func:`probe` (None when the weights are
+    not materialised, e.g. ZeRO-3 placeholders: then by module containment only).
+    """
+    base = peft_model.get_base_model()
+    inner = decoder_of(base)
+    outer = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    candidates = [inner]
+    if isinstance(outer, nn.Module) and outer is not inner and any(m is inner for m in outer.modules()):
+        candidates.append(outer)
+    names = {id(m): n for n, m in base.named_modules()}
+    watched = _trained_modules(base, adapter)
+    runnable = _probe_possible(base)
+    for cand in candidates:
+        path = names[id(cand)]
+        if any(not (n == path or n.startswith(path + ".")) for n in watched):
+            continue
+        result = probe(peft_model, cand, watched) if runnable else None
+        if result is None or not result.ran_outside:
+            return path, cand, result
+    trained = sorted(watched)
+    raise ValueError(
+        f"BA-LoRA replays {type(base).__name__}'s backbone ({', '.join(names[id(c)] for c in candidates)}) for the "
+        f"reference, but trained modules run outside it (e.g. {trained[:3]}): their effect on the backbone's "
+        "inputs would not be undone, so the reference would not be the pre-trained model. Keep adapters and "
+        "modules_to_save inside the decoder (target_modules / modules_to_save), or freeze those modules."
+    )
+
+
+def check_head_reproduces_logits(head: OutputHead, result: Probe, model: nn.Module) -> None:
+    """Refuse a model whose own logits the fused head does not reproduce (on the probe: same forward, adapter as it
+    is). The fused head copies the head's weight and bias, ``logit_scale`` / ``logits_scaling`` and the final
+    soft-cap from the config; a model that transforms its logits otherwise (its own multipliers, a soft-cap under
+    another name) would have the terms act on other logits than the ones it produces."""
+    z = result.logits.detach().float()
+    hidden = result.hidden.detach()
+    fused = head.logits(hidden.reshape(-1, hidden.shape[-1])).reshape(z.shape)
+    err, scale = float((fused - z).abs().max()), float(z.abs().max())
+    rtol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2  # bf16/fp16 logits are rounded to ~3 digits
+    if err <= rtol * scale + 1e-6:
+        return
+    inner = model.get_base_model() if ref.is_peft_model(model) else model
+    raise ValueError(
+        f"{type(inner).__name__} is not supported by BA-LoRA's fused path: its logits are not the output head's "
+        f"(weight{' + bias' if head.bias is not None else ''}, scale {head.scale:g}, soft-cap {head.softcap}) applied "
+        f"to the decoder's final hidden states — max difference {err:.3g} on logits up to {scale:.3g} on a probe of "
+        f"{z.shape[-2]} tokens. The model transforms its logits in a way BA-LoRA does not copy, so the terms would "
+        "act on other logits than the model's. Please report the model class; it cannot be trained with BA-LoRA "
+        "until then."
+    )
+
+
 def check_reference_head(head: OutputHead, ref_model: nn.Module) -> None:
     """The fused NLG path sends the reference's hidden states through the *trained model's* frozen head, so a
     separate reference model must have the same output head (up to dtype rounding)."""
@@ -74,6 +244,14 @@ def check_reference_head(head: OutputHead, ref_model: nn.Module) -> None:
     )
 
 
+def _plain_weight(module: nn.Module) -> torch.Tensor | None:
+    """The pre-trained weight under a module, looking through PEFT's LoRA layer / ``modules_to_save`` wrapper."""
+    if hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    module = getattr(module, "original_module", module)
+    return getattr(module, "weight", None)
+
+
 def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "default") -> None:
     """Refuse, before step 1, models BA-LoRA cannot train correctly (errors name the problem and the fix)."""
     if not ref.is_peft_model(peft_model):
@@ -94,6 +272,17 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
             f"BALoRAConfig.task='nlu' but the model is a {type(base).__name__}; NLU needs a sequence-classification "
             "model (AutoModelForSequenceClassification). For a causal LM use task='nlg' (e.g. preset 'iclr2026-nlg')."
         )
+    if config.task == "nlu":
+        problem = getattr(base.config, "problem_type", None)
+        if int(base.config.num_labels) == 1 or problem == "regression":
+            raise ValueError(
+                f"BALoRAConfig.task='nlu' on a regression head ({type(base).__name__} with "
+                f"num_labels={base.config.num_labels}, problem_type={problem!r}, e.g. STS-B): BA-LoRA's NLU terms "
+                "are defined on class logits — the softmax consistency KL of one output is identically 0, the "
+                "decorrelation of one column has no off-diagonal, and the SVD share of a rank-1 matrix is 1 — and "
+                "on regression outputs they would regularise meaningless quantities. BA-LoRA defines no regression "
+                "form: train this task without the BA-LoRA terms (plain LoRA / PiSSA)."
+            )
     if config.task == "nlg":
         if is_cls or base.get_output_embeddings() is None:
             raise ValueError(
@@ -101,13 +290,27 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
                 "(preset 'iclr2026-nlu') for classifiers."
             )
         head = base.get_output_embeddings()
-        if hasattr(head, "base_layer") or hasattr(head, "modules_to_save") or head.weight.requires_grad:
+        trained = hasattr(head, "base_layer") or hasattr(head, "modules_to_save") or head.weight.requires_grad
+        emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        emb_trained = emb is not None and (
+            hasattr(emb, "base_layer") or hasattr(emb, "modules_to_save") or emb.weight.requires_grad
+        )
+        if trained and emb_trained and _plain_weight(emb) is _plain_weight(head):
+            raise ValueError(
+                "BA-LoRA computes its terms from the frozen output head, but this model ties the head to the input "
+                "embedding (tie_word_embeddings=True) and the embedding is trained, which trains the tied head with "
+                "it (LoRA on or modules_to_save of the embedding with ensure_weight_tying=True, or a trainable "
+                "embedding weight). Leave the input embedding out of the adapter, or keep the head untied from it "
+                "(ensure_weight_tying=False: the embedding's copy is trained, the head keeps the frozen weight)."
+            )
+        if trained:
             raise ValueError(
                 "BA-LoRA computes its terms from the frozen output head, but the head is trained (LoRA on it, "
                 "modules_to_save, or trainable lm_head weights). Remove 'lm_head' from target_modules / "
                 "modules_to_save and keep the head frozen."
             )
-    if ref.has_residual_base(peft_model, adapter):
+    start = ref.adapter_start(peft_model, adapter)
+    if start.rewritten or (start.rewritten is None and config.reference == "adapter_snapshot"):
         quant = [type(m).__name__ for m in base.modules() if type(m).__name__ in QUANT_MODULES]
         qcfg = getattr(base.config, "quantization_config", None)
         method = (
@@ -115,8 +318,8 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
         ) or ""
         if quant or (qcfg is not None and str(method).split(".")[-1].lower() not in ("gguf", "")):
             raise ValueError(
-                f"init_lora_weights={ref.lora_init(peft_model, adapter)!r} on a quantised base "
-                f"({quant[0] if quant else method}): PiSSA's residual cannot be stored exactly in quantised weights, "
+                f"init_lora_weights={start.init!r} on a quantised base ({quant[0] if quant else method}) — "
+                f"{start.reason}: PiSSA's residual cannot be stored exactly in quantised weights, "
                 "so the reference is not the pre-trained model. Load the base unquantised, or use plain LoRA init "
                 "(init_lora_weights=True)."
             )

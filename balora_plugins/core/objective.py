@@ -29,9 +29,16 @@ from ..functional import valid_position_mask
 from . import distributed
 from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
-from .model import check_reference_head, decoder_of, output_head, validate_model
+from .model import (
+    check_head_reproduces_logits,
+    check_reference_head,
+    check_trained_parameters,
+    output_head,
+    replay_backbone,
+    validate_model,
+)
 from .plugins import collect_terms
-from .terms import MATRIX, ROW, Term
+from .terms import MATRIX, ROW, TemperedEntropyRows, Term
 
 
 # ---------------------------------------------------------------------------------------------- scaling
@@ -93,6 +100,8 @@ class BALoRAObjective:
         self.mode: str | None = None
         self.head: OutputHead | None = None
         self._backbone: nn.Module | None = None
+        self._backbone_path: str | None = None
+        self._peft_model: nn.Module | None = None
         self._hook = None
         self._captured: dict[str, Any] | None = None
         self._in_reference = False
@@ -101,29 +110,53 @@ class BALoRAObjective:
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> BALoRAObjective:
-        """Validate ``model`` and install the reference and the capture hook. Idempotent."""
+        """Validate ``model`` and install the reference and the capture hook. Idempotent.
+
+        Before anything is changed: a ``ref_model`` that is part of the trained model is refused. Then the model
+        checks (:func:`~.model.validate_model`), the reference (:func:`~.reference.prepare_reference`: decided once,
+        recorded on the model), and for NLG the replayed backbone and the output head, checked on one probe
+        forward of a few tokens (:func:`~.model.replay_backbone`, :func:`~.model.check_head_reproduces_logits`).
+        """
         peft_model = ref.unwrap(model)
+        # checks first: nothing of the user's (the model, a ref_model) is changed when one of them refuses
+        if self.ref_model is not None:
+            ref.check_separate_reference(self.ref_model, peft_model)
         validate_model(peft_model, self.config, self.adapter_name)
-        self.mode = ref.resolve_mode(self.config.reference, peft_model, self.ref_model, self.adapter_name)
-        if self.mode == "adapter_snapshot" and ref.REF_ADAPTER not in peft_model.peft_config:
-            ref.add_snapshot_adapter(peft_model, self.adapter_name)
+        mode = ref.resolve_mode(self.config.reference, peft_model, self.ref_model, self.adapter_name)
+        if mode != "model":
+            check_trained_parameters(peft_model, self.adapter_name)
         base = peft_model.get_base_model()
+        backbone, path = self._backbone, self._backbone_path
         if self.config.task == "nlg":
             self.head = output_head(base)
-            backbone = decoder_of(base)
-            if backbone is not self._backbone:
-                self.remove_hooks()
-                self._backbone = backbone
-                self._hook = backbone.register_forward_hook(self._capture, with_kwargs=True)
+            if backbone is None or not any(m is backbone for m in base.modules()):
+                path, backbone, probe = replay_backbone(peft_model, self.adapter_name)
+                if probe is not None:
+                    check_head_reproduces_logits(self.head, probe, peft_model)
+            if self.ref_model is not None:
+                check_reference_head(self.head, self.ref_model)
         else:
             self.num_classes = int(base.config.num_labels)
             self.config.check_num_classes(self.num_classes)
+        # then install
+        self._peft_model = peft_model
+        self.mode = ref.prepare_reference(
+            peft_model, self.config.reference, self.ref_model, self.adapter_name
+        )
+        if self.config.task == "nlg" and backbone is not self._backbone:
+            self.remove_hooks()
+            self._backbone, self._backbone_path = backbone, path
+            self._hook = backbone.register_forward_hook(self._capture, with_kwargs=True)
         if self.ref_model is not None:
             self.ref_model.eval()  # (a DeepSpeed engine's eval() returns None)
             self.ref_model.requires_grad_(False)
-            if self.config.task == "nlg":
-                check_reference_head(self.head, self.ref_model)
         return self
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the trained adapter's frozen base is not the pre-trained model (decided at :meth:`prepare`):
+        the exports must then convert the adapter (docs/method.md §1)."""
+        return self._peft_model is not None and ref.has_residual_base(self._peft_model, self.adapter_name)
 
     @property
     def captured_hidden(self) -> torch.Tensor | None:
@@ -169,8 +202,12 @@ class BALoRAObjective:
         self._in_reference = True
         try:
             if self.mode == "model":
-                with torch.no_grad():
-                    out = decoder_of(ref.unwrap(self.ref_model))(*cap["args"], **kwargs)
+                inner = ref.unwrap(self.ref_model)
+                inner = inner.get_base_model() if ref.is_peft_model(inner) else inner
+                with (
+                    torch.no_grad()
+                ):  # the same module of the reference model as the student's replayed backbone
+                    out = inner.get_submodule(self._backbone_path)(*cap["args"], **kwargs)
             else:
                 inner = ref.unwrap(model)
                 with ref.reference_mode(inner, self.mode), contextlib.ExitStack() as stack:
@@ -201,6 +238,8 @@ class BALoRAObjective:
         logits: torch.Tensor | None = None,
         scaling: LossScaling | None = None,
         progress: float = 0.0,
+        step: int | None = None,
+        total_steps: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted regularizer loss of the micro-batch the model just ran, and its metrics.
 
@@ -210,20 +249,24 @@ class BALoRAObjective:
             logits: NLU only: the classifier logits (B, C) of that forward.
             scaling: the host's loss scaling for this step (default: a plain micro-batch mean).
             progress: global_step / max_steps in [0, 1], for the λ schedules.
+            step, total_steps: the global optimizer step and the total number of steps (needed by
+                ``schedule_whole_steps``; see :meth:`BALoRAConfig.lambdas_at`).
 
         Returns:
             ``(loss, metrics)``: a 0-d tensor to add to the host's loss and a dict of floats keyed
             ``balora/...``.
         """
         try:
-            return self._compute(model, inputs, logits, scaling, progress)
+            return self._compute(model, inputs, logits, scaling, progress, step, total_steps)
         finally:
             if self.head is not None and self.head.source is not None:
                 self.head = None  # a sharded head's per-step full copy (core/distributed.py) is not kept
 
-    def _compute(self, model, inputs, logits, scaling, progress) -> tuple[torch.Tensor, dict[str, float]]:
+    def _compute(
+        self, model, inputs, logits, scaling, progress, step, total_steps
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         scaling = scaling or LossScaling()
-        lambdas = self.config.lambdas_at(progress)
+        lambdas = self.config.lambdas_at(progress, step=step, total_steps=total_steps)
         weights = {t.name: t.weight(lambdas) for t in self.terms}
         metrics: dict[str, float] = {f"balora/lambda_{k}": v for k, v in weights.items()}
         if self.config.task == "nlg":
@@ -236,6 +279,12 @@ class BALoRAObjective:
             return loss, metrics
         m = rows.shape[0]
         metrics["balora/rows"] = float(m)
+        if self.config.consistency_schedule == "adaptive" and ref_rows is not None:
+            confidence = self.reference_confidence(ref_rows)
+            lambdas["consistency"] = self.config.adaptive_lambda_consistency(confidence)
+            weights = {t.name: t.weight(lambdas) for t in self.terms}
+            metrics.update({f"balora/lambda_{k}": v for k, v in weights.items()})
+            metrics["balora/reference_confidence"] = confidence
         with torch.autocast(device_type=device.type, enabled=False):
             row_terms = [t for t in self.terms if t.level == ROW and weights[t.name] > 0]
             loss = loss + self._row_loss(row_terms, rows, ref_rows, weights, scaling, by_items, m, metrics)
@@ -252,6 +301,27 @@ class BALoRAObjective:
                 self._record(metrics, t.name, float(value.detach()), weights[t.name])
         metrics["balora/loss"] = float(sum((v for k, v in metrics.items() if k.endswith("_weighted")), 0.0))
         return loss, metrics
+
+    def reference_confidence(self, ref_rows: torch.Tensor) -> float:
+        """c = 1 − clamp(H / log|V|, 0, 1), H the mean over rows of the entropy of softmax(Z_ref/T).
+
+        ``ref_rows``: the reference's valid rows — hidden states (M, d) sent through the frozen head chunk by
+        chunk (NLG: never the (M, |V|) logits at once) or logits (M, C) (NLU). No gradient: the adaptive λ1 is
+        a constant of the micro-batch. It runs before the fused pass because that pass folds every term's
+        weighted gradient into one buffer, so λ1 must be known first (docs/method.md §3.1, adaptive λ1).
+        """
+        kernel = TemperedEntropyRows(self.config.consistency_temperature)
+        with torch.no_grad(), torch.autocast(device_type=ref_rows.device.type, enabled=False):
+            if self.head is not None and self.config.task == "nlg":
+                _, sums = chunked_row_terms(
+                    ref_rows, None, self.head, [kernel], [0.0], self.config.chunk_size
+                )
+                entropy, width = float(sums[0]) / ref_rows.shape[0], self.head.weight.shape[0]
+            else:
+                entropy, width = float(kernel(ref_rows.float(), None).mean()), ref_rows.shape[-1]
+        if not math.isfinite(entropy) or width < 2:  # no information about the reference's confidence
+            return 0.0
+        return 1.0 - min(max(entropy / math.log(width), 0.0), 1.0)
 
     def _row_loss(self, terms, rows, ref_rows, weights, scaling, by_items, m, metrics) -> torch.Tensor:
         while terms:
@@ -290,8 +360,9 @@ class BALoRAObjective:
         with distributed.unsharded_root(model):
             ref_rows = self.reference_hidden(model)[mask] if need_ref else None
         self._captured = None
-        if not bool(mask.any()):
-            self._finite("no_valid_rows", torch.tensor(float("nan")), metrics)
+        if not bool(mask.any()):  # legitimate (a prompt truncated to the max length): nothing to regularise
+            self.skipped["no_valid_rows"] = self.skipped.get("no_valid_rows", 0) + 1
+            metrics["balora/skipped_no_valid_rows"] = float(self.skipped["no_valid_rows"])
             return None, None, None, True
         rows = hidden[mask]
         return rows, ref_rows, HiddenView(rows, self.head), True

@@ -187,6 +187,24 @@ class NegEntropyRows:
         return -ent, acc
 
 
+class TemperedEntropyRows:
+    """Row quantity H(softmax(z/T)) over the full width (no gradient): the reference's confidence statistic.
+
+    Used by the adaptive consistency weight (docs/method.md §3.1); ``rows_and_grad`` lets the chunked driver
+    run it without autograd and leaves the gradient buffer untouched (the quantity is a constant of the step).
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = float(temperature)
+
+    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+        logp = torch.log_softmax(z / self.temperature, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
+        return self(z, z_ref), acc
+
+
 @hookimpl
 def balora_terms(config: BALoRAConfig) -> list[Term]:
     diversity = EntropyDiversity(config) if config.diversity_kind == "entropy" else Decorrelation(config)

@@ -94,14 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="PiSSA/BA-LoRA adapter -> plain LoRA for the untouched base (or a merged model)",
         description="Convert a PiSSA-initialised adapter (trained with BA-LoRA or not) into a plain rank-2r LoRA "
-        "adapter that serves on the untouched base model. With --merge, write the merged full model instead.",
+        "adapter that serves on the untouched base model. With --merge, write the merged full model instead. "
+        "The output directory of a BA-LoRA run (plain LoRA at its root, or 0.1.0's PiSSA adapter + balora_ref/) "
+        "and its checkpoints are accepted as they are.",
     )
-    exp.add_argument("adapter_dir", help="adapter directory (adapter_config.json + weights + balora_ref/)")
+    exp.add_argument(
+        "adapter_dir",
+        help="adapter directory: a BA-LoRA output_dir or checkpoint, or any PEFT adapter (PiSSA ones with balora_ref/)",
+    )
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--merge", action="store_true", help="write a merged model (needs the untouched base)")
     exp.add_argument(
         "--base",
         help="untouched base model (folder or cached hub id); default: the adapter's base_model_name_or_path",
+    )
+    exp.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="with --merge: the merged model's dtype (default auto: the base checkpoint's own)",
     )
     exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
 
@@ -159,8 +170,10 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.base and not args.merge:
-        parser.error("--base only applies with --merge (the plain-LoRA export needs no base model).")
+    if (args.base or args.dtype != "auto") and not args.merge:
+        parser.error(
+            "--base and --dtype only apply with --merge (the plain-LoRA export needs no base model)."
+        )
     if not os.path.isdir(args.adapter_dir):
         parser.error(f"ADAPTER_DIR {args.adapter_dir!r} is not a directory.")
     from balora_plugins.core import export_merged, export_plain_lora, require_empty_dir
@@ -170,7 +183,9 @@ def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except FileExistsError as e:
         parser.error(str(e))
     if args.merge:
-        out = export_merged(args.adapter_dir, args.out, base=args.base, overwrite=args.overwrite)
+        out = export_merged(
+            args.adapter_dir, args.out, base=args.base, overwrite=args.overwrite, dtype=args.dtype
+        )
     else:
         out = export_plain_lora(args.adapter_dir, args.out, overwrite=args.overwrite)
     what = "merged model" if args.merge else "plain LoRA adapter (load it on the untouched base model)"

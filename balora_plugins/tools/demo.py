@@ -25,12 +25,13 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from balora_plugins.tools.assets import extract_answer  # one answer reader for the demo and the recipes
 
 METHODS = ("lora", "pissa", "balora")
 METHOD_LABELS = {"base": "base", "lora": "LoRA", "pissa": "PiSSA", "balora": "BA-LoRA"}
@@ -401,14 +402,6 @@ def gsm_splits(tok, dataset, s: DemoSettings) -> tuple[list[GSMExample], list[GS
 
 
 # ---------------------------------------------------------------------------------------------- NLG eval
-def extract_answer(text: str) -> str | None:
-    """The final answer of a solution: the first number after the last ``####``, else the last number in it."""
-    number = r"-?\d[\d,]*(?:\.\d+)?"
-    after = re.findall(number, text.rsplit("####", 1)[1]) if "####" in text else []
-    found = after[:1] or re.findall(number, text)[-1:]
-    return found[0].replace(",", "") if found else None
-
-
 def _pad(seqs: Sequence[list[int]], value: int, left: bool = False):
     import torch
 

@@ -5,8 +5,9 @@
 2. Checks the YAML (``balora_plugins.axolotl.check``), then runs ``axolotl train tiny-cpu-balora.yml
    --launcher python`` there (HF_HUB_OFFLINE=1, AXOLOTL_DO_NOT_TRACK=1).
 3. Checks that the BA-LoRA metrics appear in axolotl's logs, that training saved the BA-LoRA artefacts, and
-   that the exported ``plain_lora/`` adapter, loaded with PEFT on the *untouched* base checkpoint, gives the
-   trained model's logits, computed independently as the residual base W − s·B₀A₀ plus the trained adapter.
+   that ``output_dir`` — loaded with PEFT on the *untouched* base checkpoint, and merged by
+   ``axolotl merge-lora tiny-cpu-balora.yml`` — gives the trained model's logits, computed independently as
+   the residual base W − s·B₀A₀ plus the trained adapter in ``balora_resume/``.
 
 Usage: ``python integrations/axolotl/run_tiny.py [--workdir DIR]`` (a temporary folder by default).
 Exit status 0 when every check passes.
@@ -98,14 +99,18 @@ def preflight(workdir: Path) -> None:
         print(f"BA-LoRA settings: {check_config(yaml.safe_load(f)).to_dict()}")
 
 
-def run_axolotl(workdir: Path) -> str:
-    """Run ``axolotl train`` on the tiny config in ``workdir``; returns its combined output."""
+def run_axolotl(workdir: Path, command: str = "train") -> str:
+    """Run ``axolotl <command>`` (train, merge-lora) on the tiny config in ``workdir``; returns its output."""
     exe = Path(sys.executable).with_name("axolotl")
-    cmd = [str(exe) if exe.exists() else "axolotl", "train", CONFIG.name, "--launcher", "python"]
+    cmd = [str(exe) if exe.exists() else "axolotl", command, CONFIG.name]
+    if command == "train":
+        cmd += ["--launcher", "python"]
     env = {**os.environ, **ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
-    (workdir / "axolotl.log").write_text(out, encoding="utf-8")
+    (workdir / ("axolotl.log" if command == "train" else f"axolotl-{command}.log")).write_text(
+        out, encoding="utf-8"
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); last output:\n{out[-4000:]}")
     return out
@@ -121,29 +126,32 @@ def logged_metrics(output: str) -> list[dict]:
     return steps
 
 
-def check_export(workdir: Path) -> float:
-    """Max |logit difference| between plain_lora on the untouched base and the trained PiSSA model."""
+def check_export(workdir: Path, merged: bool = True) -> dict[str, float]:
+    """Max |logit difference| to the trained model of ``output_dir`` served on the untouched base with PEFT and
+    (``merged``) of ``axolotl merge-lora``'s merged model (``output_dir/merged``)."""
     import torch
     from peft import LoraConfig, PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     out = workdir / "outputs" / "tiny-balora"
+    resume = out / "balora_resume"
     base_dir = workdir / "tiny-llama"
     ids = torch.randint(4, 40, (2, 16), generator=torch.Generator().manual_seed(1))
 
-    served = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir), out / "plain_lora"
-    ).eval()
-    with torch.no_grad():
-        served_logits = served(input_ids=ids).logits
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    served = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out))
+    merged = logits(AutoModelForCausalLM.from_pretrained(out / "merged")) if merged else None
 
     # Independent reconstruction of the trained model: W_res = W - s·B0·A0 (initial adapter), plus the trained
     # adapter loaded with init_lora_weights=True (so PEFT runs no PiSSA SVD on load).
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg = json.loads((resume / "adapter_config.json").read_text())
     scale = cfg["lora_alpha"] / cfg["r"]
-    initial = load_file(out / "balora_ref" / "adapter_model.safetensors")
+    initial = load_file(resume / "balora_ref" / "adapter_model.safetensors")
     modules = dict(base.named_modules())
     with torch.no_grad():
         for key, a0 in initial.items():
@@ -151,16 +159,27 @@ def check_export(workdir: Path) -> float:
                 name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                 b0 = initial[key.replace("lora_A", "lora_B")]
                 modules[name].weight -= scale * (b0 @ a0)
-    peft_cfg = LoraConfig.from_pretrained(out)
+    peft_cfg = LoraConfig.from_pretrained(resume)
     peft_cfg.init_lora_weights = True
-    trained = PeftModel.from_pretrained(base, out, config=peft_cfg).eval()
-    with torch.no_grad():
-        trained_logits = trained(input_ids=ids).logits
-        base_logits = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits
-    moved = (trained_logits - base_logits).abs().max().item()
+    trained = logits(PeftModel.from_pretrained(base, resume, config=peft_cfg))
+    moved = (trained - logits(AutoModelForCausalLM.from_pretrained(base_dir))).abs().max().item()
     if moved < 1e-4:
         raise AssertionError(f"training did not change the model (max logit change {moved:.2e})")
-    return (served_logits - trained_logits).abs().max().item()
+    errors = {"served_max_abs_err": (served - trained).abs().max().item()}
+    if merged is not None:
+        errors["merged_max_abs_err"] = (merged - trained).abs().max().item()
+    return errors
+
+
+def check_card(workdir: Path) -> list[str]:
+    """The model card's tags; raises unless it carries axolotl's and BA-LoRA's and the BA-LoRA section."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(workdir / "outputs" / "tiny-balora" / "README.md")
+    tags = sorted(card.data.tags or [])
+    if not {"axolotl", "ba-lora", "peft"} <= set(tags) or "## BA-LoRA" not in card.text:
+        raise AssertionError(f"the model card lacks BA-LoRA's tags or section (tags: {tags})")
+    return tags
 
 
 def _digest(folder: Path) -> str:
@@ -189,22 +208,31 @@ def main(argv: list[str] | None = None) -> dict:
         )
     out = workdir / "outputs" / "tiny-balora"
     for rel in (
+        "adapter_model.safetensors",
         "balora_config.json",
-        "balora_ref/adapter_model.safetensors",
-        "plain_lora/adapter_model.safetensors",
+        "balora_resume/adapter_model.safetensors",
+        "balora_resume/balora_ref/adapter_model.safetensors",
     ):
         if not (out / rel).is_file():
             raise AssertionError(f"{out / rel} was not written")
+    if json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is not True:
+        raise AssertionError(f"{out} does not hold the plain LoRA adapter at its root")
+    tags = check_card(workdir)
+    run_axolotl(
+        workdir, "merge-lora"
+    )  # merges output_dir (its lora_model_dir default) into output_dir/merged
     if _digest(workdir / "tiny-llama") != base_digest:
         raise AssertionError("the base checkpoint was modified")
-    err = check_export(workdir)
-    if err > 1e-4:
-        raise AssertionError(f"plain_lora on the untouched base differs from the trained model by {err:.2e}")
+    errors = check_export(workdir)
+    for what, err in errors.items():
+        if err > 1e-4:
+            raise AssertionError(f"{what}: {err:.2e} from the trained model's logits")
     result = {
         "workdir": str(workdir),
         "steps": len(steps),
         "first_step": steps[0],
-        "plain_lora_max_abs_err": err,
+        "card_tags": tags,
+        **errors,
     }
     print(json.dumps(result, indent=2))
     return result

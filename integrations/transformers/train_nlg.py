@@ -5,9 +5,12 @@ on the assistant answers only, with PiSSA-initialised LoRA on every projection a
 
     python integrations/transformers/train_nlg.py --output-dir runs/nlg            # SmolLM2: minutes on CPU
     python integrations/transformers/train_nlg.py --tiny --output-dir /tmp/nlg     # random tiny LLaMA, seconds
+    python integrations/transformers/train_nlg.py --balora_consistency_schedule adaptive   # any BA-LoRA setting
 
-The output folder holds the adapter, ``balora_config.json``, the initial adapter (``balora_ref/``) and
-``plain_lora/``: a plain LoRA adapter for the untouched base model.
+Every BA-LoRA setting is a ``--balora_*`` option (``--help`` lists them; generated from ``BALoRAConfig``).
+
+The output folder holds the plain LoRA adapter for the untouched base model, ``balora_config.json``, the model
+card, and ``balora_resume/`` (the trainable PiSSA form with its initial adapter, for continued training).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import argparse
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainingArguments
 
-from balora_plugins import BALoRAConfig
+from balora_plugins.arguments import BALoRAArguments, balora_field_names
 from balora_plugins.callback import BALoRACallback
 from balora_plugins.tools.assets import gsm_symbolic, load_causal_lm, tiny_causal_lm
 
@@ -26,13 +29,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    balora = HfArgumentParser(BALoRAArguments, add_help=False)  # --balora_preset, --balora_lambda_svd, ...
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[balora])
     p.add_argument("--tiny", action="store_true", help="random tiny LLaMA + 24 problems: the CI smoke run")
     p.add_argument(
         "--model", default=None, help="causal LM folder / .gguf / cached hub id (default: SmolLM2)"
     )
     p.add_argument("--output-dir", default="runs/balora-nlg")
-    p.add_argument("--preset", default="iclr2026-nlg", help="BA-LoRA preset (see BALoRAConfig.from_preset)")
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--eval-size", type=int, default=32)
     p.add_argument("--max-steps", type=int, default=40)
@@ -87,7 +90,8 @@ def main(argv=None) -> None:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    balora = BALoRACallback(BALoRAConfig.from_preset(args.preset))
+    settings = BALoRAArguments(**{k: getattr(args, k) for k in balora_field_names()})
+    balora = BALoRACallback(settings.to_balora_config(default_preset="iclr2026-nlg"))
     targs = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -117,7 +121,7 @@ def main(argv=None) -> None:
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    balora.save_model(args.output_dir)  # adapter + balora_config.json + balora_ref/ + plain_lora/
+    trainer.save_model(args.output_dir)  # servable adapter + balora_config.json + card + balora_resume/
     tok.save_pretrained(args.output_dir)
     print(f"held-out answer NLL: {before:.4f} -> {after:.4f}; saved to {args.output_dir}")
 

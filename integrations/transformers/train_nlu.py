@@ -8,7 +8,8 @@ classifier logits)::
     python integrations/transformers/train_nlu.py --tiny --output-dir /tmp/nlu      # random tiny BERT, seconds
 
 The NLU SVD share Σ_{i≤k}σ_i/Σσ is identically 1 when k >= the number of classes, so with BBC's 5 classes the
-preset's k = 5 would switch the term off; ``--svd-top-k`` (default 2) keeps it active.
+preset's k = 5 would switch the term off; ``--balora_svd_top_k`` (default 2 here) keeps it active. Every BA-LoRA
+setting is a ``--balora_*`` option (``--help`` lists them; generated from ``BALoRAConfig``).
 """
 
 from __future__ import annotations
@@ -18,22 +19,22 @@ import argparse
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments
 
-from balora_plugins import BALoRAConfig
+from balora_plugins.arguments import BALoRAArguments, balora_field_names
 from balora_plugins.callback import BALoRACallback
 from balora_plugins.tools.assets import bbc_news, load_classifier, stratified_split, tiny_classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    balora = HfArgumentParser(BALoRAArguments, add_help=False)  # --balora_preset, --balora_svd_top_k, ...
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[balora])
+    p.set_defaults(balora_svd_top_k=2)  # k < the 5 classes, or the NLU SVD share is constant
     p.add_argument("--tiny", action="store_true", help="random tiny BERT on 40 articles: the CI smoke run")
     p.add_argument(
         "--model", default=None, help="encoder folder or cached hub id (default: all-MiniLM-L6-v2)"
     )
     p.add_argument("--output-dir", default="runs/balora-nlu")
-    p.add_argument("--preset", default="iclr2026-nlu", help="BA-LoRA preset (see BALoRAConfig.from_preset)")
-    p.add_argument("--svd-top-k", type=int, default=2, help="k of the SVD term; must be < the 5 classes")
     p.add_argument("--train-size", type=int, default=400)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--max-steps", type=int, default=100)
@@ -79,7 +80,8 @@ def main(argv=None) -> None:
         task_type="SEQ_CLS",  # SEQ_CLS also trains the new classifier head
     )
     model = get_peft_model(model, lora)
-    balora = BALoRACallback(BALoRAConfig.from_preset(args.preset, svd_top_k=args.svd_top_k))
+    settings = BALoRAArguments(**{k: getattr(args, k) for k in balora_field_names()})
+    balora = BALoRACallback(settings.to_balora_config(default_preset="iclr2026-nlu"))
     targs = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
     )
     trainer.train()
     metrics = trainer.evaluate()
-    balora.save_model(args.output_dir)  # adapter + balora_config.json + balora_ref/ + plain_lora/
+    trainer.save_model(args.output_dir)  # servable adapter + balora_config.json + card + balora_resume/
     tok.save_pretrained(args.output_dir)
     print(
         f"held-out accuracy {metrics['eval_accuracy']:.3f} (loss {metrics['eval_loss']:.4f}); saved to {args.output_dir}"

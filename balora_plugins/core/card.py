@@ -1,0 +1,198 @@
+"""The model card of a BA-LoRA adapter: what it is, its settings, how to load it and what to cite.
+
+Every host writes a card of its own into the output folder's ``README.md``: PEFT on each ``save_pretrained``
+(``library_name: peft``, its tags), TRL's ``create_model_card`` (its template, filled from ``_tag_names``, ``_name``
+and ``_paper``), transformers' and axolotl's ``TrainingSummary`` on ``push_to_hub``. :func:`update_model_card` adds
+BA-LoRA's tags and one section, between two HTML comments, to whatever card is there (or to a new one), so it can
+run after any of them, any number of times, with the same result.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import PRESETS, BALoRAConfig
+
+CITATION_KEY = "chang2026balora"
+CITATION = f"""@inproceedings{{{CITATION_KEY},
+  title     = {{{{BA-LoRA}}: Bias-Alleviating Low-Rank Adaptation to Mitigate Catastrophic Inheritance in Large Language Models}},
+  author    = {{Chang, Yupeng and Chang, Yi and Wu, Yuan}},
+  booktitle = {{International Conference on Learning Representations (ICLR)}},
+  year      = {{2026}},
+  note      = {{arXiv:2408.04556}},
+  url       = {{https://arxiv.org/abs/2408.04556}}
+}}"""
+# In the form of TRL's trainer attribute ``_paper`` (trl/trainer/base_trainer.py): the card links the paper page.
+PAPER = {
+    "title": "BA-LoRA: Bias-Alleviating Low-Rank Adaptation to Mitigate Catastrophic Inheritance in Large Language "
+    "Models",
+    "id": "2408.04556",
+    "citation": CITATION,
+}
+TAGS = ("ba-lora", "peft")
+BEGIN = "<!-- balora-plugins:begin -->"
+END = "<!-- balora-plugins:end -->"
+CARD_NAME = "README.md"
+# Fields that change how the terms are computed, not what is optimised: left out of the card's preset comparison.
+_EXECUTION_FIELDS = ("chunk_size", "on_nonfinite")
+
+
+def nearest_preset(config: BALoRAConfig) -> tuple[str, dict[str, Any]]:
+    """The preset ``config`` differs least from, and the fields (name → value in ``config``) where it differs."""
+    mine = _effective(config)
+    best: tuple[str, dict[str, Any]] | None = None
+    for name in PRESETS:
+        ref = _effective(BALoRAConfig.from_preset(name))
+        diff = {k: v for k, v in mine.items() if ref[k] != v and k not in _EXECUTION_FIELDS}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    assert best is not None
+    return best
+
+
+def _effective(config: BALoRAConfig) -> dict[str, Any]:
+    """The config's fields with ``svd_norm='auto'`` resolved (the value the terms use)."""
+    return {**config.to_dict(), "svd_norm": config.resolved_svd_norm}
+
+
+def _settings_rows(config: BALoRAConfig) -> list[str]:
+    """The card's table rows for the preset and the three terms (weights, schedules, what each term measures)."""
+    preset, changed = nearest_preset(config)
+    preset_text = f"`{preset}`" + (
+        ", changed: " + ", ".join(f"`{k}={v!r}`" for k, v in changed.items()) if changed else ""
+    )
+    cosine, warmup = "", ""
+    if config.consistency_schedule == "cosine":
+        cosine = f", cosine decay to {config.cosine_final_ratio}·λ1"
+    if config.regularizer_schedule == "warmup":
+        start, ramp = f"{config.warmup_start:.0%}", f"{config.warmup_ramp:.0%}"
+        warmup = f", 0 for the first {start} of training, then ramped up over {ramp}"
+    if config.consistency_kind == "kl":
+        consistency = f"KL to the pre-trained model, T = {config.consistency_temperature:g}"
+    else:
+        consistency = "MSE to the pre-trained model's logits"
+    if config.diversity_kind == "entropy":
+        top = f"top-{config.entropy_top_k}" if config.entropy_top_k else "all"
+        diversity = f"entropy of the {top} logits"
+    else:
+        diversity = "logit decorrelation"
+    return [
+        f"| preset | {preset_text} |",
+        f"| λ1 consistency ({consistency}) | {config.lambda_consistency}{cosine} |",
+        f"| λ2 diversity ({diversity}) | {config.lambda_diversity}{warmup} |",
+        f"| λ3 SVD (top-{config.svd_top_k} share of the output spectrum, {config.resolved_svd_norm} norm) | "
+        f"{config.lambda_svd}{warmup} |",
+    ]
+
+
+def card_section(
+    config: BALoRAConfig, directory: str, *, repo_id: str | None = None, with_citation: bool = True
+) -> str:
+    """The BA-LoRA section of the card of the adapter saved in ``directory`` (Markdown, between the markers)."""
+    from .. import __version__
+    from .export import RESUME_DIR, _num_labels, _read_config
+
+    root = _read_config(directory) or {}
+    resume = _read_config(os.path.join(directory, RESUME_DIR))
+    trained = resume or root
+    base = root.get("base_model_name_or_path") or "BASE_MODEL"
+    where = repo_id or "path/to/this/folder"
+    init = trained.get("init_lora_weights", True)
+    rank = f"rank {trained.get('r', '?')}"
+    lines = [
+        BEGIN,
+        "## BA-LoRA",
+        "",
+        "Trained with [BA-LoRA](https://arxiv.org/abs/2408.04556) (LoRA plus three regularizers: consistency, "
+        f"diversity, SVD) by balora-plugins {__version__}.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *_settings_rows(config),
+        f"| task / formulation | {config.task} / {config.formulation} |",
+        f"| LoRA initialisation | `{init}`, {rank} |",
+        "",
+        "Every setting: `balora_config.json`.",
+        "",
+    ]
+    if resume is not None:
+        lines += [
+            f"This folder is a **plain LoRA adapter** (rank {root.get('r', '?')}) for the **untouched** base model "
+            f"`{base}`: the update the `{init}`-initialised training made, W_res + s·BA − W = s·(BA − B₀A₀), "
+            "written as one LoRA of twice the rank. It needs nothing but PEFT:",
+        ]
+    else:
+        lines += [f"This folder is a LoRA adapter for the base model `{base}`; it needs nothing but PEFT:"]
+    if root.get("task_type") == "SEQ_CLS":
+        try:
+            labels = f", num_labels={_num_labels(directory)}"
+        except (OSError, ValueError):
+            labels = ""
+        auto, extra = "AutoModelForSequenceClassification", labels
+    else:
+        auto, extra = "AutoModelForCausalLM", ""
+    lines += [
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {auto}",
+        "",
+        f'base = {auto}.from_pretrained("{base}"{extra})',
+        f'model = PeftModel.from_pretrained(base, "{where}")  # or .merge_and_unload() for a plain model',
+        "```",
+        "",
+        "`axolotl merge-lora`, vLLM (`--lora-modules`), lm-eval (`--model_args ...,peft=...`) and "
+        "`balora export --merge` take this folder as it is.",
+    ]
+    if resume is not None:
+        lines += [
+            "",
+            f"`{RESUME_DIR}/` holds the adapter as trained ({rank}, correct only on the residual base W_res it "
+            "was trained against) with its step-0 copy `balora_ref/`: for continued training "
+            "(`trainer.train(resume_from_checkpoint=...)` on this folder), never for serving.",
+        ]
+    if with_citation:
+        lines += ["", "### Citation", "", "```bibtex", CITATION, "```"]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_model_card(
+    directory: str,
+    config: BALoRAConfig,
+    *,
+    tags: tuple[str, ...] | list[str] = (),
+    repo_id: str | None = None,
+) -> str:
+    """Add BA-LoRA's tags (:data:`TAGS` and ``tags``) and section to ``directory/README.md``; returns its path.
+
+    Replaces the section an earlier call wrote; places it before the card's first ``## `` heading (or at the end);
+    cites the paper unless the host's card already does (TRL's, through ``_paper``).
+    """
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(directory, CARD_NAME)
+    card = ModelCard.load(path) if os.path.isfile(path) else ModelCard("---\nlibrary_name: peft\n---\n")
+    text = _without_section(card.text)
+    section = card_section(config, directory, repo_id=repo_id, with_citation=CITATION_KEY not in text)
+    lines = text.split("\n")
+    at = next((i for i, line in enumerate(lines) if line.startswith("## ")), None)
+    if at is None:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    else:
+        text = "\n".join(lines[:at]).rstrip("\n") + "\n\n" + section + "\n\n" + "\n".join(lines[at:])
+    card.text = text.lstrip("\n")
+    card.data.tags = sorted({*(card.data.tags or []), *TAGS, *tags})
+    card.save(path)
+    return path
+
+
+def _without_section(text: str) -> str:
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return text
+    return text[:start].rstrip("\n") + "\n\n" + text[end + len(END) :].lstrip("\n")
+
+
+__all__ = ["CITATION", "PAPER", "TAGS", "card_section", "nearest_preset", "update_model_card"]
