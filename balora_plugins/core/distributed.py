@@ -7,13 +7,19 @@ step), the reference adapter (when it is created, saved and restored) and, for `
 model — so it reads them here:
 
 * :func:`gathered` — the full parameters for the enclosed block (ZeRO-3: ``deepspeed.zero.GatheredParameters``;
-  FSDP1: ``summon_full_params``). A **collective**: every rank must enter it, in the same order.
+  FSDP1: ``summon_full_params``). A **collective**: every rank must enter it, in the same order — as every
+  function below that reads or writes sharded weights.
 * :func:`gathered_copy` — a full copy of sharded tensors for one step (the head); nothing is kept afterwards.
+* :func:`unsharded_root` — the root FSDP unit's own parameters (embeddings, head) whole for the reference forward.
 * :func:`local_shard` — the storage this rank owns, which identifies a sharded parameter across steps (the
   Gram-factor cache keys on it: a gathered copy is a new tensor every step).
+* :func:`full_adapter_state` / :func:`load_adapter_state` — an adapter's weights read whole (for saving
+  ``balora_ref/``) and written back shard by shard (on resume).
+* :func:`full_state_dict_saving` — FSDP saves adapter files also under ``SHARDED_STATE_DICT``.
 * :func:`check_engine` — refuses, at construction, the settings BA-LoRA cannot train or save correctly.
 * :func:`prepare_reference_model` — an explicit ``ref_model=`` placed like TRL places a teacher or reference model
   (``trl.models.utils.prepare_deepspeed``): sharded with the run's ZeRO-3 config, else ZeRO off.
+* :func:`zero3_config_for_adapter_init` — lets PEFT's PiSSA init see ZeRO-3-partitioned base weights whole.
 
 Nothing here imports DeepSpeed or accelerate unless the model or the trainer already uses them.
 """
@@ -251,7 +257,7 @@ def check_engine(accelerator: Any) -> None:
             raise ValueError(
                 f"DeepSpeed ZeRO-3 with zero_optimization.{key}={gather!r}: the trainer then saves no adapter weights "
                 "(only DeepSpeed's sharded checkpoint), so BA-LoRA has no adapter to convert to plain LoRA. Set "
-                f'"{key}": true in the DeepSpeed config (axolotl\'s bundled zero3*.json do), or use ZeRO-2.'
+                f'"{key}": true in the DeepSpeed config (axolotl\'s zero3*.json do), or use ZeRO-2.'
             )
     if fsdp_version(accelerator) == 1:
         plugin = accelerator.state.fsdp_plugin
