@@ -17,14 +17,24 @@ pytestmark = pytest.mark.axolotl
 pytest.importorskip("axolotl")
 
 from axolotl.cli.config import gpu_capabilities  # noqa: E402
+from axolotl.core.trainers.base import AxolotlTrainer  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
 from axolotl.utils.config import prepare_plugins, validate_config  # noqa: E402
 from axolotl.utils.dict import DictDefault  # noqa: E402
 from conftest import CONSTANT, batch, lora, tiny_llama  # noqa: E402
 
-from balora_plugins.axolotl.args import PLUGIN, balora_config_from_cfg, balora_keys  # noqa: E402
+from balora_plugins.axolotl.args import (  # noqa: E402
+    PLUGIN,
+    BALoRATrainingArgsMixin,
+    balora_config_from_cfg,
+    balora_keys,
+)
 from balora_plugins.config import BALoRAConfig  # noqa: E402
 from balora_plugins.core.reference import REF_ADAPTER, reference_mode  # noqa: E402
+
+# What `axolotl train` does first: register the listed plugins, before axolotl builds AxolotlTrainingArguments
+# (with every registered plugin's training-args mixin) on first import of axolotl.core.training_args.
+prepare_plugins(DictDefault(plugins=[PLUGIN]))
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -135,8 +145,18 @@ def test_a_misspelled_key_fails_with_a_suggestion():
         ({"rl": "grpo"}, "rl='grpo': the BA-LoRA plugin supports supervised fine-tuning only"),
         ({"reward_model": True}, "reward_model=True: the BA-LoRA plugin supports supervised"),
         ({"process_reward_model": True}, "process_reward_model=True: the BA-LoRA plugin"),
-        ({"adapter": "qlora", "load_in_4bit": True}, "adapter='qlora': BA-LoRA needs `adapter: lora`"),
+        (
+            {"adapter": "qlora", "load_in_4bit": True},
+            r"peft_init_lora_weights='pissa' with load_in_4bit=True: .*QLoRA with plain",
+        ),
+        (
+            {"adapter": "lora", "load_in_8bit": True, "peft_init_lora_weights": "pissa_niter_4"},
+            r"'pissa_niter_4' with load_in_8bit=True: PiSSA on a quantised base",
+        ),
         ({"adapter": None, "peft_init_lora_weights": None}, "adapter=None: BA-LoRA needs `adapter: lora`"),
+        ({"adapter": "llama-adapter"}, "adapter=.llama-adapter.: BA-LoRA needs"),
+        ({"kd_trainer": True}, r"kd_trainer=True: axolotl's knowledge-distillation plugin .* separate runs"),
+        ({"nf4_backend": "torchao"}, r"nf4_backend='torchao' \(axolotl 0.21\+\): .* bitsandbytes"),
         ({"relora": True, "jagged_restart_steps": 10}, "relora=True: ReLoRA merges"),
         ({"lora_mlp_kernel": True}, r"lora_mlp_kernel=True: axolotl's fused .* `lora_mlp_kernel: false`"),
         ({"lora_embedding_kernel": True}, r"lora_embedding_kernel=True: .* `lora_embedding_kernel: false`"),
@@ -145,6 +165,47 @@ def test_a_misspelled_key_fails_with_a_suggestion():
 def test_settings_balora_cannot_train_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
         validate(**overrides)
+
+
+def test_each_rule_is_its_own_validator_and_qlora_with_plain_init_passes():
+    from balora_plugins.axolotl import args
+
+    rules = [
+        args.unknown_keys,
+        args.supervised_only,
+        args.no_kd_trainer,
+        args.lora_adapter,
+        args.no_residual_init_on_quantised_base,
+        args.no_relora,
+        args.verified_kernels_only,
+        args.supported_release,
+    ]
+    validators = args.BALoRAArgs.__pydantic_decorators__.model_validators
+    assert {f"_balora_{r.__name__}" for r in rules} <= set(validators)
+    # each rule refuses its own setting and nothing else
+    bad = [{"balora_x": 1}, {"rl": "dpo"}, {"kd_trainer": True}, {"adapter": "ia3"}, {"adapter": "qlora"}]
+    bad += [{"relora": True}, {"lora_mlp_kernel": True}, {"nf4_backend": "torchao"}]
+    base = {"adapter": "lora", "peft_init_lora_weights": "pissa"}
+    for i, rule in enumerate(rules):
+        for j, setting in enumerate(bad):
+            if i == j:
+                with pytest.raises(ValueError):
+                    rule({**base, **setting})
+            else:
+                rule({**base, **setting})
+    qlora = validate(adapter="qlora", load_in_4bit=True, peft_init_lora_weights=None)
+    assert qlora.adapter == "qlora" and balora_config_from_cfg(qlora).reference == "auto"
+
+
+def test_release_check_names_the_release():
+    from balora_plugins.axolotl import compat
+
+    with pytest.raises(
+        ValueError, match=r"axolotl 0.18.2: the BA-LoRA plugin supports axolotl 0.19 and newer"
+    ):
+        compat.check_release((0, 18), "0.18.2")
+    assert "not a release the BA-LoRA plugin is tested with" in compat.check_release((0, 20), "0.20.1")
+    assert compat.check_release() is None and compat.RELEASE in compat.TESTED
 
 
 def test_unset_lora_kernels_are_switched_off_where_axolotl_would_switch_them_on():
@@ -160,24 +221,29 @@ def test_unset_lora_kernels_are_switched_off_where_axolotl_would_switch_them_on(
 def test_the_plugin_ignores_configs_that_do_not_list_it():
     validate()  # BA-LoRA registered in this process, as after an earlier config
     # another config with a plugin list: axolotl merges every registered plugin's args model into its schema
-    other = DictDefault({**copy.deepcopy(BASE), "plugins": ["not_installed_pkg.Plugin"], "adapter": None})
+    grokfast = "axolotl.integrations.grokfast.GrokfastPlugin"  # ships with axolotl 0.19 and 0.21
+    other = DictDefault({**copy.deepcopy(BASE), "plugins": [grokfast], "adapter": None})
     del other["peft_init_lora_weights"]
     prepare_plugins(other)
-    # full fine-tuning is not refused: BA-LoRA is not listed
-    assert validate_config(other, *gpu_capabilities()).adapter is None
+    # full fine-tuning is not refused and no kernel key is touched: BA-LoRA is not listed
+    assert validate_config(DictDefault(copy.deepcopy(other)), *gpu_capabilities()).adapter is None
+    assert all(other.get(k) is None for k in KERNELS)
     plugin = PluginManager.get_instance().plugins[PLUGIN]
-    assert plugin.get_trainer_cls(other) is None and plugin.post_lora_load(other, None) is None
+    assert plugin.get_trainer_cls(other) is None and plugin.get_training_args(other) is None
+    assert plugin.post_lora_load(other, None) is None and plugin.post_trainer_create(other, None) is None
 
 
 # ---------------------------------------------------------------------------------------------- loud failures
-def test_a_broken_install_stops_axolotl_instead_of_training_without_balora(monkeypatch, caplog):
+def test_a_broken_install_stops_axolotl_instead_of_training_without_balora(monkeypatch):
     manager = PluginManager.get_instance()
     manager.register("balora_plugins_not_installed.Plugin")  # axolotl's own behaviour: log and carry on
     assert "balora_plugins_not_installed.Plugin" not in manager.plugins
     monkeypatch.delitem(sys.modules, "balora_plugins.axolotl")
     monkeypatch.setitem(sys.modules, "balora_plugins.core.reference", None)  # -> ImportError on import
+    monkeypatch.delitem(manager.plugins, PLUGIN)
+    # as `axolotl train` registers the listed plugins (0.19: logs an ImportError; 0.21: required=True)
     with pytest.raises(RuntimeError, match="trains WITHOUT it"):
-        manager.register(PLUGIN)
+        prepare_plugins(DictDefault(copy.deepcopy(BASE)))
 
 
 def test_preflight_refuses_balora_keys_without_the_plugin_line():
@@ -343,7 +409,13 @@ def test_regularizers_are_exact_under_axolotls_qkv_and_o_lora_kernels(tmp_path, 
         assert torch.allclose(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-6)
 
 
-def _trainer(cls, model, tmp_path, **kw):
+class CustomTrainer(AxolotlTrainer):
+    """A YAML `trainer_cls` (an AxolotlTrainer subclass) gets BA-LoRA in front of it."""
+
+
+def _trainer(cls, model, tmp_path, args_cls=None, **balora):
+    """``cls`` on 8 rows, 2 steps of 2 x 2; ``balora`` = balora_* TrainingArguments values, as axolotl's builder
+    passes them from the plugin's ``get_training_args``."""
     from axolotl.core.training_args import AxolotlTrainingArguments
     from datasets import Dataset
     from transformers import default_data_collator
@@ -353,7 +425,7 @@ def _trainer(cls, model, tmp_path, **kw):
     for _ in range(8):
         ids = torch.randint(3, 90, (12,), generator=g).tolist()
         rows.append({"input_ids": ids, "attention_mask": [1] * 12, "labels": [-100] * 4 + ids[4:]})
-    args = AxolotlTrainingArguments(
+    args = (args_cls or AxolotlTrainingArguments)(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
@@ -367,6 +439,7 @@ def _trainer(cls, model, tmp_path, **kw):
         lr_scheduler_type="constant",
         optim="adamw_torch",
         dataloader_num_workers=0,
+        **balora,
     )
     collate = default_data_collator
     return cls(
@@ -375,31 +448,48 @@ def _trainer(cls, model, tmp_path, **kw):
         train_dataset=Dataset.from_list(rows),
         data_collator=collate,
         eval_data_collator=collate,
-        **kw,
     )
 
 
-def test_trainer_subclasses_axolotls_and_reports_through_its_metric_store(tmp_path):
-    from axolotl.core.trainers.base import AxolotlTrainer
+def test_settings_reach_the_trainer_through_axolotls_training_arguments():
+    from axolotl.core.training_args import AxolotlTrainingArguments
 
+    # axolotl mixed the plugin's dataclass into its TrainingArguments (the module-level prepare_plugins above)
+    assert issubclass(AxolotlTrainingArguments, BALoRATrainingArgsMixin)
+    plugin = PluginManager.get_instance().plugins[PLUGIN]
+    assert plugin.get_training_args_mixin() == "balora_plugins.axolotl.args.BALoRATrainingArgsMixin"
+    cfg = validate(balora_preset="v5-nlg", balora_lambda_svd=0.25, balora_temperature="1e-1")
+    kwargs = PluginManager.get_instance().get_training_args(cfg)  # what axolotl's builder adds to its kwargs
+    assert set(kwargs) == {"balora_preset", *balora_keys()}
+    args = AxolotlTrainingArguments(output_dir="unused", **kwargs)
+    want = BALoRAConfig.from_preset("v5-nlg", lambda_svd=0.25, temperature=0.1)
+    assert balora_config_from_cfg(vars(args)) == want == balora_config_from_cfg(cfg)
+
+
+def test_trainer_subclasses_axolotls_and_reports_through_its_metric_store(tmp_path):
     from balora_plugins.axolotl.trainer import AxolotlBALoRATrainer, trainer_class
 
     assert trainer_class(DictDefault({})) is AxolotlBALoRATrainer
-    mamba = trainer_class(DictDefault({"trainer_cls": "axolotl.core.trainers.mamba.AxolotlMambaTrainer"}))
-    assert mamba.__mro__[1] is AxolotlBALoRATrainer and mamba.__mro__[3].__name__ == "AxolotlMambaTrainer"
+    custom = trainer_class(DictDefault({"trainer_cls": f"{__name__}.CustomTrainer"}))
+    assert custom.__mro__[1] is AxolotlBALoRATrainer and custom.__mro__[3] is CustomTrainer
     with pytest.raises(ValueError, match="not a subclass of axolotl's AxolotlTrainer"):
         trainer_class(DictDefault({"trainer_cls": "transformers.Trainer"}))
 
     base = tiny_llama(seed=1)
     host = _trainer(AxolotlTrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "host")
-    off = BALoRAConfig(lambda_consistency=0.0, lambda_diversity=0.0, lambda_svd=0.0)
-    zero = _trainer(
-        AxolotlBALoRATrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "z", balora_config=off
-    )
-    on = BALoRAConfig(lambda_consistency=0.5, lambda_diversity=0.1, lambda_svd=0.1, svd_top_k=2, **CONSTANT)
+    off = dict(balora_lambda_consistency=0.0, balora_lambda_diversity=0.0, balora_lambda_svd=0.0)
+    zero = _trainer(custom, lora(copy.deepcopy(base), init="pissa"), tmp_path / "z", **off)
+    on = dict(balora_lambda_consistency=0.5, balora_lambda_diversity=0.1, balora_lambda_svd=0.1)
+    on.update(balora_consistency_schedule="constant", balora_regularizer_schedule="constant")
     reg = _trainer(
-        AxolotlBALoRATrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "r", balora_config=on
+        AxolotlBALoRATrainer,
+        lora(copy.deepcopy(base), init="pissa"),
+        tmp_path / "r",
+        **on,
+        balora_svd_top_k=2,
     )
+    want = {k.removeprefix("balora_"): v for k, v in on.items()}
+    assert reg.balora.config == BALoRAConfig.from_preset("iclr2026-nlg", **want, svd_top_k=2)
     for t in (host, zero, reg):
         t.train()
     # λ = 0: the same run as axolotl's own trainer, step for step.
@@ -414,14 +504,34 @@ def test_trainer_subclasses_axolotls_and_reports_through_its_metric_store(tmp_pa
     assert first["balora/lambda_svd"] == 0.1
     evaluation = reg.evaluate(eval_dataset=reg.train_dataset)  # eval metrics: prefixed, same store
     assert evaluation["eval_balora/consistency"] > 0 and "eval_balora/svd" in evaluation
+    # one store: axolotl's (emptied by its log); the mixin's own store for hosts without one never exists
+    assert not hasattr(reg, "_balora_metrics") and not any(reg._stored_metrics[m] for m in ("train", "eval"))
 
 
-def test_trainer_refuses_to_train_without_balora_settings(tmp_path):
+def test_trainer_refuses_arguments_without_balora_settings_and_a_foreign_trainer(tmp_path, monkeypatch):
+    import dataclasses
+
+    from axolotl.core.training_args_base import AxolotlTrainingMixins
+    from transformers import TrainingArguments
+
     from balora_plugins.axolotl.trainer import AxolotlBALoRATrainer
 
-    trainer = _trainer(AxolotlBALoRATrainer, lora(tiny_llama(), init="pissa"), tmp_path)
-    with pytest.raises(RuntimeError, match="created without BA-LoRA settings"):
-        trainer.train()
+    # axolotl's arguments as built in a process that imported axolotl's trainer code before registering the plugin
+    bare = dataclasses.make_dataclass("Bare", [], bases=(AxolotlTrainingMixins, TrainingArguments))
+    with pytest.raises(
+        RuntimeError, match="needs its BA-LoRA settings on its TrainingArguments.*'balora_preset'"
+    ):
+        _trainer(AxolotlBALoRATrainer, lora(tiny_llama(), init="pissa"), tmp_path, args_cls=bare)
+    plugin = PluginManager.get_instance().plugins[PLUGIN]
+    cfg = validate()
+    host = _trainer(AxolotlTrainer, lora(tiny_llama(), init="pissa"), tmp_path)  # another plugin's trainer
+    with pytest.raises(RuntimeError, match="axolotl built a AxolotlTrainer, not the plugin's trainer"):
+        plugin.post_trainer_create(cfg, host)
+    from balora_plugins.axolotl import compat
+
+    monkeypatch.setattr(compat, "training_args_accept", lambda names: False)
+    with pytest.raises(RuntimeError, match="was built before the plugin was registered"):
+        plugin.get_training_args(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

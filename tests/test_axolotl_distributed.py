@@ -145,8 +145,9 @@ def test_axolotl_train_on_two_cpu_processes(engine, tmp_path):
 
 @pytest.mark.parametrize("key", ["context_parallel_size", "sequence_parallel_degree"])
 def test_sequence_sharding_is_refused_at_validation(key):
-    from balora_plugins.axolotl.args import PLUGIN, check_host_settings
+    from balora_plugins.axolotl.args import BALoRAArgs, whole_sequences
 
-    check_host_settings({"plugins": [PLUGIN], "adapter": "lora", key: 1})
+    assert "_balora_whole_sequences" in dir(BALoRAArgs)  # a validator of the plugin's args model
+    whole_sequences({"adapter": "lora", key: 1})
     with pytest.raises(ValueError, match=rf"{key}=2: .*Remove `{key}`"):
-        check_host_settings({"plugins": [PLUGIN], "adapter": "lora", key: 2})
+        whole_sequences({"adapter": "lora", key: 2})

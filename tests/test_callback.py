@@ -273,13 +273,15 @@ def test_the_trainer_feeds_the_schedules_its_step_and_total_steps(tmp_path):
     at w = int(0.3·5) = 1 and ramps over r = max(int(0.2·5), 1) = 1 step, so λ2, λ3 get the factors 0, 0, 1, 1, 1
     (the fractional schedule would give 0.5 at step 2); the adaptive λ1 follows the logged confidence c."""
     cfg = BALoRAConfig(
-        **NLG,
-        consistency_schedule="adaptive",
-        temperature=0.1,
-        regularizer_schedule="warmup",
-        warmup_start=0.3,
-        warmup_ramp=0.2,
-        schedule_whole_steps=True,
+        **{
+            **NLG,
+            "consistency_schedule": "adaptive",
+            "temperature": 0.1,
+            "regularizer_schedule": "warmup",
+            "warmup_start": 0.3,
+            "warmup_ramp": 0.2,
+            "schedule_whole_steps": True,
+        }
     )
     logs = [h for h in train("nlg", tmp_path, cfg, max_steps=5).state.log_history if "loss" in h]
     assert [h["balora/lambda_svd"] / NLG["lambda_svd"] for h in logs] == [0, 0, 1, 1, 1]

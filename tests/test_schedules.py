@@ -66,6 +66,7 @@ def test_whole_step_schedules_equal_the_authors_number_for_number(schedule, rati
     cfg = BALoRAConfig(
         lambda_diversity=0.005,
         lambda_svd=0.007,
+        consistency_schedule="constant",
         regularizer_schedule=OURS[schedule],
         warmup_start=start,
         warmup_ramp=ramp,
@@ -194,6 +195,7 @@ def test_adaptive_nlg_objective_matches_full_logits(bounds):
         lambda_diversity=0.2,
         lambda_svd=0.1,
         consistency_schedule="adaptive",
+        regularizer_schedule="constant",
         lambda_consistency_min=lo,
         lambda_consistency_max=hi,
         temperature=0.1,  # the tiny random model is near-uniform at T = 2 (c ≈ 0.002); c ≈ 0.43 here

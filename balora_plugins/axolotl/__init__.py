@@ -4,20 +4,24 @@ Hooks, in the order axolotl calls them:
 
 * ``register`` (raw YAML): unset ``lora_*_kernel`` keys are set to false before axolotl would auto-enable its
   fused kernels (see ``args.KERNEL_REASON``).
-* config validation (:class:`~.args.BALoRAArgs`): key types/values, misspelled ``balora_*`` keys,
-  ``adapter: lora``, no RL / reward model / ReLoRA, no MLP/embedding LoRA kernels.
+* config validation (:class:`~.args.BALoRAArgs`): key types/values, then one validator per rule: misspelled
+  ``balora_*`` keys, ``adapter: lora``/``qlora``, no PiSSA on a quantised base, no RL / reward model / KD trainer /
+  ReLoRA, no MLP/embedding LoRA kernels, the axolotl release (``compat.py``, the one place releases differ).
 * ``pre_lora_load``: under DeepSpeed ZeRO-3, keeps the DeepSpeed config registered so PEFT's PiSSA init gathers
   the partitioned base weights (axolotl drops it after loading the model).
 * ``post_lora_load``: validates the PEFT model, decides the reference and adds the frozen snapshot of the initial
   adapter on a rewritten base (PiSSA created here, or a pre-initialised PiSSA pair from ``lora_model_dir``).
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
-* ``get_trainer_cls`` / ``post_trainer_create``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT
-  trainer with :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), set up with the YAML's config.
+* ``get_training_args_mixin`` / ``get_training_args``: the ``balora_*`` values travel on axolotl's
+  ``TrainingArguments`` (:class:`~.args.BALoRATrainingArgsMixin`), as axolotl's own KD plugin hands over its keys.
+* ``get_trainer_cls``: :class:`~.trainer.AxolotlBALoRATrainer` (axolotl's own SFT trainer with
+  :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin` in front), which configures itself from ``self.args``.
+* ``post_trainer_create``: checks axolotl built that trainer (not another plugin's).
 * ``post_train`` (called twice by axolotl): makes ``output_dir`` the artefact users serve — the plain-LoRA adapter
   for the untouched base at its root, the trainable form in ``balora_resume/``, BA-LoRA's model card.
 
-axolotl only *logs* a plugin whose import raises ``ImportError`` and then drops its keys, so a broken install
-is turned into a ``RuntimeError`` here: the run stops instead of training without BA-LoRA.
+axolotl 0.19 only *logs* a plugin whose import raises ``ImportError`` and then drops its keys, so a broken install
+is turned into a ``RuntimeError`` here: the run stops instead of training without BA-LoRA (0.21 raises itself).
 """
 
 from __future__ import annotations
@@ -29,11 +33,21 @@ try:
     from ..core.distributed import zero3_config_for_adapter_init
     from ..core.model import validate_model
     from ..core.reference import REF_ADAPTER, init_rewrites_base, lora_init, prepare_reference, unwrap
-    from .args import KERNEL_KEYS, KERNEL_REASON, BALoRAArgs, balora_config_from_cfg, plugin_listed
+    from . import compat
+    from .args import (
+        KERNEL_KEYS,
+        KERNEL_REASON,
+        PLUGIN,
+        TRAINING_ARGS,
+        BALoRAArgs,
+        balora_config_from_cfg,
+        plugin_listed,
+        training_args_from_cfg,
+    )
 except ImportError as _exc:  # axolotl would swallow an ImportError and train without BA-LoRA
     raise RuntimeError(
-        f"balora_plugins.axolotl.BALoRAPlugin cannot be imported ({type(_exc).__name__}: {_exc}). axolotl only logs "
-        "a plugin that fails to import and then trains WITHOUT it, so this run stops here. Repair the install "
+        f"balora_plugins.axolotl.BALoRAPlugin cannot be imported ({type(_exc).__name__}: {_exc}). axolotl 0.19 only "
+        "logs a plugin that fails to import and then trains WITHOUT it, so this run stops here. Repair the install "
         "(pip install 'balora-plugins[axolotl]'), or remove the plugin line and every balora_* key."
     ) from _exc
 
@@ -102,6 +116,21 @@ class BALoRAPlugin(BasePlugin):
                 f"{[n for n, p in params if p.requires_grad][:4]}...). Please report this with your config."
             )
 
+    def get_training_args_mixin(self) -> str:
+        return "balora_plugins.axolotl.args.BALoRATrainingArgsMixin"
+
+    def get_training_args(self, cfg):
+        if not plugin_listed(cfg):
+            return None
+        if not compat.training_args_accept(list(TRAINING_ARGS)):
+            raise RuntimeError(
+                "BA-LoRA: axolotl's AxolotlTrainingArguments was built before the plugin was registered in this "
+                "process (axolotl.core.training_args imported first), so it has no balora_* fields and the "
+                "settings cannot reach the trainer. Run `axolotl train` in a fresh process, or call "
+                "axolotl.utils.config.prepare_plugins(cfg) before importing axolotl's trainer builder."
+            )
+        return training_args_from_cfg(cfg)
+
     def get_trainer_cls(self, cfg):
         if not plugin_listed(cfg):
             return None
@@ -112,8 +141,12 @@ class BALoRAPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         if not plugin_listed(cfg):
             return
-        if getattr(trainer, "balora", None) is None:
-            trainer._balora_setup(balora_config_from_cfg(cfg))
+        if getattr(trainer, "balora", None) is None:  # axolotl uses the first trainer class a plugin returns
+            raise RuntimeError(
+                f"BA-LoRA: axolotl built a {type(trainer).__name__}, not the plugin's trainer: a plugin listed before "
+                f"{PLUGIN} handed axolotl its own trainer class, so the regularizers would not run. List "
+                f"{PLUGIN} first under `plugins:` or remove the other plugin."
+            )
         self._trainer = trainer
 
     def post_train(self, cfg, model):

@@ -3,8 +3,9 @@
 Every :class:`~balora_plugins.config.BALoRAConfig` field ``x`` (except ``task``: axolotl trains causal LMs) is
 the key ``balora_x``, with the field's type, help text and allowed values; ``balora_preset`` picks the preset
 the other keys override. An unset key takes the preset's value. The after-validator builds the
-``BALoRAConfig`` (so its own validation runs at config time, with the YAML key in the message); the
-before-validator refuses axolotl settings BA-LoRA cannot train correctly.
+``BALoRAConfig`` (so its own validation runs at config time, with the YAML key in the message); one
+before-validator per rule refuses an axolotl setting BA-LoRA cannot train correctly. The same keys reach the
+trainer as fields of :data:`BALoRATrainingArgsMixin`, which axolotl mixes into its ``TrainingArguments``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from ..config import (
     SVD_NORMS,
     BALoRAConfig,
 )
+from ..core.reference import init_is_approximate, init_rewrites_base
+from . import compat
 
 PLUGIN = "balora_plugins.axolotl.BALoRAPlugin"
 PREFIX = "balora_"
 DEFAULT_PRESET = "iclr2026-nlg"
 NLG_PRESETS = tuple(name for name, values in PRESETS.items() if values["task"] == "nlg")
+PRESET_HELP = f"BA-LoRA preset the other balora_* keys override (default {DEFAULT_PRESET!r})."
 EXCLUDED = ("task",)  # axolotl trains causal LMs: always "nlg"
 CHOICES: dict[str, tuple[str, ...]] = {
     "formulation": FORMULATIONS,
@@ -41,6 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reference": tuple(r for r in REFERENCES if r != "model"),  # axolotl cannot hand over a second model
     "on_nonfinite": ON_NONFINITE,
 }
+ADAPTERS = ("lora", "qlora")
 KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 UNVERIFIED_KERNELS = ("lora_mlp_kernel", "lora_embedding_kernel")
 KERNEL_REASON = (
@@ -89,8 +94,22 @@ def plugin_listed(cfg: Mapping[str, Any]) -> bool:
     return PLUGIN in (cfg.get("plugins") or [])
 
 
-def check_host_settings(data: Mapping[str, Any]) -> None:
-    """Refuse axolotl settings with which BA-LoRA would train wrongly or not at all (errors name the key)."""
+def _rule(check):
+    """One refusal rule as a before-validator of axolotl's merged config schema, active only when the config lists
+    the plugin (axolotl merges the args model of every plugin registered in the process)."""
+
+    def validator(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and plugin_listed(data):
+            check(data)
+        return data
+
+    validator.__name__ = validator.__qualname__ = f"_balora_{check.__name__}"
+    validator.__doc__ = check.__doc__
+    return model_validator(mode="before")(classmethod(validator))
+
+
+def unknown_keys(data: Mapping[str, Any]) -> None:
+    """A ``balora_*`` key that is not one of the plugin's (a typo) would be dropped by axolotl without a word."""
     known = set(balora_keys()) | {"balora_preset"}
     unknown = sorted(k for k in data if isinstance(k, str) and k.startswith(PREFIX) and k not in known)
     if unknown:
@@ -100,6 +119,10 @@ def check_host_settings(data: Mapping[str, Any]) -> None:
             + ", ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in hints.items())
             + f"; the keys are {sorted(known)}."
         )
+
+
+def supervised_only(data: Mapping[str, Any]) -> None:
+    """Preference/RL and reward-model trainers are not the SFT trainer BA-LoRA's trainer subclasses."""
     for key in ("rl", "reward_model", "process_reward_model"):
         if data.get(key):
             raise ValueError(
@@ -107,17 +130,59 @@ def check_host_settings(data: Mapping[str, Any]) -> None:
                 "subclasses axolotl's SFT trainer); preference/RL and reward-model trainers would run WITHOUT the "
                 f"regularizers. Remove `{key}` or remove the plugin and the balora_* keys."
             )
-    if data.get("adapter") != "lora":
+
+
+def no_kd_trainer(data: Mapping[str, Any]) -> None:
+    """axolotl's KD plugin hands out its own trainer: only one plugin's trainer class can run."""
+    if data.get("kd_trainer"):
+        raise ValueError(
+            f"kd_trainer={data['kd_trainer']!r}: axolotl's knowledge-distillation plugin trains with its own "
+            "trainer (AxolotlKDTrainer, a distillation loss on a teacher's top-k log-probabilities) and axolotl "
+            "runs one plugin's trainer class only, so BA-LoRA or KD would silently not run. Distil and apply "
+            "BA-LoRA in separate runs: remove `kd_trainer` (and the KD plugin) here."
+        )
+
+
+def lora_adapter(data: Mapping[str, Any]) -> None:
+    """BA-LoRA regularizes a LoRA adapter: ``adapter: lora`` (full-precision base) or ``qlora`` (4-bit base)."""
+    if data.get("adapter") not in ADAPTERS:
         raise ValueError(
             f"adapter={data.get('adapter')!r}: BA-LoRA needs `adapter: lora` (PiSSA via `peft_init_lora_weights: "
-            "pissa` or `pissa_niter_16`, or plain LoRA init). QLoRA's quantised base cannot hold PiSSA's residual "
-            "and full fine-tuning has no adapter to regularize."
+            "pissa` or `pissa_niter_16`, or plain LoRA init) or `adapter: qlora` (plain LoRA init on a 4-bit "
+            "base). Full fine-tuning has no adapter to regularize, and other adapter types have no frozen "
+            "reference BA-LoRA can switch to."
         )
+
+
+def no_residual_init_on_quantised_base(data: Mapping[str, Any]) -> None:
+    """PiSSA-type inits rewrite the base weight to the residual, which a quantised base cannot take exactly."""
+    quantised = [k for k in ("load_in_4bit", "load_in_8bit") if data.get(k)]
+    if data.get("adapter") == "qlora" and "load_in_4bit" not in quantised:
+        quantised.append("adapter='qlora'")
+    init = data.get("peft_init_lora_weights")
+    if quantised and init_rewrites_base(init) and not init_is_approximate(init):  # LoftQ: its own recipe
+        raise ValueError(
+            f"peft_init_lora_weights={init!r} with {', '.join(f'{k}=True' if k.startswith('load') else k for k in quantised)}: "
+            "PiSSA on a quantised base (QPiSSA) needs the SVD of the full-precision weights and a re-quantised "
+            "residual; PEFT refuses the SVD on quantised layers ('Please initialize PiSSA under float32 ...') and "
+            "axolotl loads the base already quantised. Use either QLoRA with plain LoRA init (remove "
+            "`peft_init_lora_weights`; BA-LoRA's reference is then the quantised pre-trained model) or PiSSA on "
+            "an unquantised base (`adapter: lora` without load_in_4bit/load_in_8bit)."
+        )
+
+
+def no_relora(data: Mapping[str, Any]) -> None:
+    """ReLoRA re-initialises the adapter mid-run, so the frozen initial adapter stops being the reference."""
     if data.get("relora"):
         raise ValueError(
             "relora=True: ReLoRA merges and re-initialises the adapter during training, which invalidates "
             "BA-LoRA's frozen initial-adapter reference. Remove `relora`."
         )
+
+
+def whole_sequences(data: Mapping[str, Any]) -> None:
+    """Context / sequence parallelism gives each rank a slice of every sequence; the reference forward replays
+    the whole backbone outside the sharded attention, and the SVD term needs whole micro-batches."""
     for key in ("context_parallel_size", "sequence_parallel_degree"):
         if (data.get(key) or 1) > 1:
             raise ValueError(
@@ -126,6 +191,10 @@ def check_host_settings(data: Mapping[str, Any]) -> None:
                 f"needs whole micro-batches. Remove `{key}`; shard the model with `deepspeed:` (ZeRO-3) or "
                 "`fsdp_config:` instead."
             )
+
+
+def verified_kernels_only(data: Mapping[str, Any]) -> None:
+    """axolotl's fused LoRA kernels must read PEFT's adapter state per call for the reference switch to reach them."""
     on = [k for k in UNVERIFIED_KERNELS if data.get(k)]
     if on:
         raise ValueError(
@@ -135,18 +204,30 @@ def check_host_settings(data: Mapping[str, Any]) -> None:
         )
 
 
+def supported_release(data: Mapping[str, Any]) -> None:
+    """The installed axolotl release is supported, and the config uses none of its settings BA-LoRA does not."""
+    compat.check_release()
+    problems = compat.unsupported_release_settings(data)
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
 class _BALoRAArgsBase(BaseModel):
     balora_preset: Literal[NLG_PRESETS] | None = Field(
         default=None,
-        description=f"BA-LoRA preset the other balora_* keys override (default {DEFAULT_PRESET!r}).",
+        description=PRESET_HELP,
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _balora_check_host(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and plugin_listed(data):
-            check_host_settings(data)
-        return data
+    # One before-validator per rule (each names the key, the value and the fix).
+    _balora_unknown_keys = _rule(unknown_keys)
+    _balora_supervised_only = _rule(supervised_only)
+    _balora_no_kd_trainer = _rule(no_kd_trainer)
+    _balora_lora_adapter = _rule(lora_adapter)
+    _balora_no_residual_init_on_quantised_base = _rule(no_residual_init_on_quantised_base)
+    _balora_no_relora = _rule(no_relora)
+    _balora_whole_sequences = _rule(whole_sequences)
+    _balora_verified_kernels_only = _rule(verified_kernels_only)
+    _balora_supported_release = _rule(supported_release)
 
     @model_validator(mode="after")
     def _balora_check_config(self) -> Any:
@@ -165,3 +246,23 @@ BALoRAArgs = create_model(
         for key, f in balora_keys().items()
     },
 )
+
+# The trainer's side of the same keys, axolotl's idiom for a plugin's trainer settings (as its KD plugin's
+# KDTrainingArgsMixin): `get_training_args_mixin` names this dataclass, axolotl mixes it into
+# `AxolotlTrainingArguments`, `get_training_args` copies the validated YAML values into it, and the trainer
+# builds its BALoRAConfig from `self.args`. One field per YAML key, generated from BALoRAConfig like the keys.
+TRAINING_ARGS = ("balora_preset", *balora_keys())
+BALoRATrainingArgsMixin = dataclasses.make_dataclass(
+    "BALoRATrainingArgsMixin",
+    [("balora_preset", str | None, dataclasses.field(default=None, metadata={"help": PRESET_HELP}))]
+    + [
+        (key, _HINTS[f.name] | None, dataclasses.field(default=None, metadata={"help": f.metadata["help"]}))
+        for key, f in balora_keys().items()
+    ],
+    namespace={"__module__": __name__, "__doc__": "The balora_* settings on axolotl's TrainingArguments."},
+)
+
+
+def training_args_from_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``BALoRATrainingArgsMixin`` values of a validated axolotl config."""
+    return {key: cfg.get(key) for key in TRAINING_ARGS}

@@ -1,8 +1,11 @@
 """The trainer the BA-LoRA plugin hands to axolotl: axolotl's own SFT trainer with the shared mixin in front.
 
 Packing, optimizers, schedulers and checkpointing stay axolotl's; :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`
-adds the regularizer, the saved reference and the artefact users serve (README "What you get after training"). Metrics go through axolotl's metric
-store (``store_metrics``), so they are reduced and rounded like axolotl's own and reach every ``report_to``.
+adds the regularizer, the saved reference and the artefact users serve (README "What you get after training").
+The trainer reads its settings from ``self.args`` (the ``balora_*`` fields axolotl mixes into its
+``TrainingArguments`` from the plugin's ``get_training_args_mixin``, filled by ``get_training_args``), and its
+metrics go through axolotl's one metric store
+(``store_metrics``; the mixin never creates its own here), so they are reduced and rounded like axolotl's own and reach every ``report_to``.
 """
 
 from __future__ import annotations
@@ -13,20 +16,28 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.import_helper import get_cls_from_module_str
 
 from ..trainer_mixin import BALoRATrainerMixin
+from .args import TRAINING_ARGS, balora_config_from_cfg
 
 
 class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
-    """``AxolotlTrainer`` + BA-LoRA. Set up by the plugin's ``post_trainer_create``, or pass ``balora_config=``."""
+    """``AxolotlTrainer`` + BA-LoRA, configured from ``args`` (an ``AxolotlTrainingArguments`` carrying
+    :class:`~balora_plugins.axolotl.args.BALoRATrainingArgsMixin`; unset fields take the preset's values)."""
 
     # axolotl's push_to_hub passes these to the card (AxolotlTrainer.push_to_hub); BA-LoRA's card update adds them
     # on every save (core/card.py).
     tag_names = ["axolotl", "ba-lora", "peft"]
 
-    def __init__(self, *args: Any, balora_config=None, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.balora = None
-        if balora_config is not None:
-            self._balora_setup(balora_config)
+        missing = [k for k in TRAINING_ARGS if not hasattr(self.args, k)]
+        if missing:
+            raise RuntimeError(
+                f"{type(self).__name__} needs its BA-LoRA settings on its TrainingArguments, but "
+                f"{type(self.args).__name__} has no {missing[0]!r}: list balora_plugins.axolotl.BALoRAPlugin under "
+                "`plugins:` (axolotl then mixes BALoRATrainingArgsMixin into AxolotlTrainingArguments), or build "
+                "the arguments from a dataclass deriving from both."
+            )
+        self._balora_setup(balora_config_from_cfg({k: getattr(self.args, k) for k in TRAINING_ARGS}))
 
     def _balora_record(self, metrics: dict[str, float], mode: str) -> None:
         prefix = "eval_" if mode == "eval" else ""
@@ -37,15 +48,6 @@ class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
             },
             train_eval=mode,
         )
-
-    def train(self, *args: Any, **kwargs: Any):
-        if self.balora is None:
-            raise RuntimeError(
-                f"{type(self).__name__} was created without BA-LoRA settings: list "
-                "balora_plugins.axolotl.BALoRAPlugin under `plugins:` (its post_trainer_create sets it up) "
-                "or pass balora_config=... to the constructor."
-            )
-        return super().train(*args, **kwargs)
 
 
 def trainer_class(cfg) -> type[AxolotlTrainer]:

@@ -9,7 +9,9 @@
    ``axolotl merge-lora tiny-cpu-balora.yml`` — gives the trained model's logits, computed independently as
    the residual base W − s·B₀A₀ plus the trained adapter in ``balora_resume/``.
 
-Usage: ``python integrations/axolotl/run_tiny.py [--workdir DIR]`` (a temporary folder by default).
+Usage: ``python integrations/axolotl/run_tiny.py [--workdir DIR] [--set KEY=VALUE ...] [--hidden N]`` (a temporary
+folder by default; ``--set`` overrides a key of the YAML, e.g. ``--set sample_packing=true``). Besides the metrics
+and the export, it checks that the consistency term is 0 at step 1, when the model still equals its reference.
 Exit status 0 when every check passes.
 """
 
@@ -21,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,10 @@ ENV = {
 }
 
 
-def build_assets(workdir: Path, rows: int = 64, seed: int = 0) -> None:
-    """``./data/train.jsonl`` (alpaca rows: add two numbers) and ``./tiny-llama`` (random Llama + tokenizer)."""
+def build_assets(workdir: Path, rows: int = 64, seed: int = 0, hidden: int = 32) -> None:
+    """``./data/train.jsonl`` (alpaca rows: add two numbers) and ``./tiny-llama`` (random Llama + tokenizer).
+
+    ``hidden`` is the model width (MLP width 2x); bitsandbytes' 4-bit CPU path needs rows of >= 64 values."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -73,8 +76,8 @@ def build_assets(workdir: Path, rows: int = 64, seed: int = 0) -> None:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -88,15 +91,19 @@ def build_assets(workdir: Path, rows: int = 64, seed: int = 0) -> None:
     tokenizer.save_pretrained(workdir / "tiny-llama")
 
 
-def preflight(workdir: Path) -> None:
-    """``python -m balora_plugins.axolotl.check``, in-process: the YAML lists the plugin and validates."""
+def preflight(workdir: Path, overrides: dict | None = None) -> dict:
+    """Write the YAML (with ``overrides``) into ``workdir`` and run ``python -m balora_plugins.axolotl.check`` on
+    it in-process: the YAML lists the plugin and validates. Returns the YAML as written."""
     import yaml
 
     from balora_plugins.axolotl.check import check_config
 
-    shutil.copy(CONFIG, workdir / CONFIG.name)
-    with open(workdir / CONFIG.name, encoding="utf-8") as f:
-        print(f"BA-LoRA settings: {check_config(yaml.safe_load(f)).to_dict()}")
+    with open(CONFIG, encoding="utf-8") as f:
+        cfg = {**yaml.safe_load(f), **(overrides or {})}
+    with open(workdir / CONFIG.name, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    print(f"BA-LoRA settings: {check_config(cfg).to_dict()}")
+    return cfg
 
 
 def run_axolotl(workdir: Path, command: str = "train") -> str:
@@ -189,15 +196,37 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE (a YAML value), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of tiny-cpu-balora.yml (a YAML value), e.g. --set sample_packing=true; repeatable",
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=32, help="model width (QLoRA on CPU: 64, bitsandbytes' block size)"
+    )
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="balora-axolotl-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    build_assets(workdir)
-    preflight(workdir)
+    build_assets(workdir, hidden=args.hidden)
+    cfg = preflight(workdir, dict(args.overrides))
+    residual = str(cfg.get("peft_init_lora_weights") or "").startswith("pissa")
     base_digest = _digest(workdir / "tiny-llama")
     output = run_axolotl(workdir)
     steps = logged_metrics(output)
@@ -206,29 +235,44 @@ def main(argv: list[str] | None = None) -> dict:
         raise AssertionError(
             f"BA-LoRA metrics {missing} missing from axolotl's step logs ({workdir / 'axolotl.log'})"
         )
+    # Every micro-batch of step 1 runs before the first update, so the model still equals its reference (the
+    # PiSSA snapshot, or the disabled plain-init adapter): a nonzero consistency term means the reference forward
+    # differs from the trained one (masks, packing, kernels, checkpointing, quantisation).
+    first = float(steps[0]["balora/consistency"])
+    if abs(first) > 1e-6:
+        raise AssertionError(
+            f"balora/consistency at step 1 is {first:g}, not 0: the reference is not the model"
+        )
+    if not any(float(s["balora/consistency"]) > 0 for s in steps[1:]):
+        raise AssertionError("balora/consistency stayed 0: the reference followed the trained adapter")
     out = workdir / "outputs" / "tiny-balora"
-    for rel in (
-        "adapter_model.safetensors",
-        "balora_config.json",
-        "balora_resume/adapter_model.safetensors",
-        "balora_resume/balora_ref/adapter_model.safetensors",
-    ):
+    written = ["adapter_model.safetensors", "balora_config.json"]
+    if residual:  # the trainable form with its step-0 adapter, for continued training
+        written += [
+            "balora_resume/adapter_model.safetensors",
+            "balora_resume/balora_ref/adapter_model.safetensors",
+        ]
+    for rel in written:
         if not (out / rel).is_file():
             raise AssertionError(f"{out / rel} was not written")
     if json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is not True:
         raise AssertionError(f"{out} does not hold the plain LoRA adapter at its root")
     tags = check_card(workdir)
-    run_axolotl(
-        workdir, "merge-lora"
-    )  # merges output_dir (its lora_model_dir default) into output_dir/merged
+    if residual:
+        run_axolotl(
+            workdir, "merge-lora"
+        )  # merges output_dir (its lora_model_dir default) into output_dir/merged
     if _digest(workdir / "tiny-llama") != base_digest:
         raise AssertionError("the base checkpoint was modified")
-    errors = check_export(workdir)
+    # the servable adapter on the untouched base and axolotl merge-lora's model, against the trained model
+    # rebuilt independently from balora_resume/ (a plain-init root is the trained adapter itself: nothing to rebuild)
+    errors = check_export(workdir) if residual else {}
     for what, err in errors.items():
         if err > 1e-4:
             raise AssertionError(f"{what}: {err:.2e} from the trained model's logits")
     result = {
         "workdir": str(workdir),
+        "overrides": dict(args.overrides),
         "steps": len(steps),
         "first_step": steps[0],
         "card_tags": tags,
