@@ -9,8 +9,10 @@
   session fails and says what to install — it is never skipped.
 
 Both axolotl sessions run everything (core, TRL, callback, the axolotl plugin and its end-to-end recipes) under
-the release's pins. What can be shared between the sessions of one run is cached per user, outside the session
-virtualenvs: pip's cache (the torch 2.13.0 wheel is downloaded once for two sessions; keep pip's cache enabled,
+the release's pins, except the multi-process DeepSpeed/FSDP parity matrix (marker ``engines``), which runs once, in
+``tests-latest``; they run ``axolotl train`` on 2 processes under ZeRO-2, ZeRO-3 and FSDP2 instead
+(``AXOLOTL_PYTEST``). DeepSpeed 0.19.8 comes with the ``test`` extra in every session.
+What can be shared between the sessions of one run is cached per user, outside the session virtualenvs: pip's cache (the torch 2.13.0 wheel is downloaded once for two sessions; keep pip's cache enabled,
 i.e. no ``PIP_NO_CACHE_DIR``) and the SmolLM2 checkpoint converted from its GGUF (``~/.cache/balora`` or
 ``$BALORA_CACHE``, docs/assets.md), converted once by the first session that needs it.
 ``nox -s tests-axolotl-0.21`` runs one; extra pytest arguments go after ``--``: ``nox -s tests-latest -- -k fused``.
@@ -41,6 +43,10 @@ PY312_HELP = (
     "install it and put `python3.12` on PATH (e.g. `uv python install 3.12`, `pyenv install 3.12` then "
     "`pyenv global 3.11 3.12`, or your OS package `python3.12-venv`), or set BALORA_PYTHON312=/path/to/python3.12"
 )
+
+
+# pytest arguments of every session that installs axolotl: everything but the engine matrix tests-latest runs
+AXOLOTL_PYTEST = ("-q", "-p", "no:cacheprovider", "-m", "not engines")
 
 
 def _python(version: str, override: str) -> str | None:
@@ -85,7 +91,7 @@ def tests_latest(session: nox.Session) -> None:
 def tests_axolotl_019(session: nox.Session) -> None:
     """Everything again under axolotl 0.19.0's pins, plus the axolotl plugin and its end-to-end runs."""
     _install(session, TORCH, "axolotl==0.19.0", "-e", ".[demo,test]")
-    _pytest(session, "-q", "-p", "no:cacheprovider")
+    _pytest(session, *AXOLOTL_PYTEST)
 
 
 @nox.session(name="tests-axolotl-0.21", python=PY312, venv_backend=None if PY312 else "none")
@@ -94,7 +100,7 @@ def tests_axolotl_021(session: nox.Session) -> None:
     if PY312 is None:
         session.error(PY312_HELP)
     _install(session, TORCH_AX21, "axolotl==0.21.0", "-e", ".[demo,test]")
-    _pytest(session, "-q", "-p", "no:cacheprovider")
+    _pytest(session, *AXOLOTL_PYTEST)
 
 
 @nox.session

@@ -19,8 +19,10 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
 
 from .config import BALoRAConfig
+from .core import distributed
 from .core.card import TAGS, update_model_card
 from .core.export import (
     ADAPTER_CONFIG,
@@ -38,6 +40,7 @@ from .core.reference import (
     REF_ADAPTER,
     adapter_state,
     init_is_approximate,
+    lora_init,
     restore_residual_base,
     unwrap,
 )
@@ -59,6 +62,7 @@ class BALoRATrainerMixin:
         self, balora_config: BALoRAConfig | str | dict | None, ref_model=None, extra_plugins=()
     ) -> None:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
+        distributed.check_engine(self.accelerator)
         self.balora.prepare(self.model)
         # prepare() keeps the step-0 snapshot whenever the base was rewritten, also with a separate reference model:
         # it is what turns the trained adapter into the plain LoRA users serve (core/export.py).
@@ -66,6 +70,19 @@ class BALoRATrainerMixin:
         add_tags = getattr(peft_model, "add_model_tags", None)  # into PEFT's card on every save_pretrained
         if callable(add_tags):
             add_tags(list(TAGS))
+        if ref_model is not None:
+            self.balora.ref_model = self._balora_placed(ref_model)
+
+    def _balora_placed(self, ref_model):
+        """``ref_model`` placed like TRL places its own reference model (DeepSpeed: an inference engine, sharded
+        under ZeRO-3); once per model, since a callback attaches again to save."""
+        placed = getattr(self, "_balora_placed_ref", None)
+        if placed is None or placed[0] is not ref_model:
+            placed = self._balora_placed_ref = (
+                ref_model,
+                distributed.prepare_reference_model(ref_model, self.accelerator),
+            )
+        return placed[1]
 
     # ------------------------------------------------------------------ guard against silent overwrites
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
@@ -78,6 +95,15 @@ class BALoRATrainerMixin:
                     "silently. Resume with trainer.train(resume_from_checkpoint=True), choose a new output_dir, "
                     "or delete the old checkpoints."
                 )
+        if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
+            # DeepSpeed resumes from its own checkpoint files and never calls _load_from_checkpoint; under ZeRO-3
+            # they hold no frozen parameter, so the reference snapshot comes from the checkpoint's balora_ref/.
+            checkpoint = resume_from_checkpoint
+            if not isinstance(checkpoint, str):
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is not None:
+                checkpoint = resume_adapter_dir(checkpoint)
+                self._balora_restore_reference(checkpoint, self.model, self._balora_own_initial(self.model))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ loss
@@ -144,8 +170,13 @@ class BALoRATrainerMixin:
             return
         self.balora.config.save_pretrained(output_dir)
         peft_model = unwrap(self.model)
-        if REF_ADAPTER in peft_model.peft_config and find_initial_adapter(output_dir) is None:
-            save_initial_adapter(peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER)
+        gathered = getattr(self, "_balora_ref_state", None)  # when an engine shards it: see save_model
+        if REF_ADAPTER in peft_model.peft_config and (
+            gathered is not None or find_initial_adapter(output_dir) is None
+        ):
+            save_initial_adapter(
+                peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER, state=gathered
+            )
 
     def _save_checkpoint(self, model, trial, *args: Any, **kwargs: Any):
         # A checkpoint keeps the trainable form at its root (resume loads it there): save_model must not convert it.
@@ -158,7 +189,14 @@ class BALoRATrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every save outside a checkpoint is a final one and ends with the artefact — also the one push_to_hub
         # makes (save_model(_internal_call=True)) before it uploads args.output_dir.
-        super().save_model(output_dir, _internal_call=_internal_call)
+        # Every rank calls save_model, the main process alone calls _save (transformers 5.16) and the engine's own
+        # saving gathers parameters module by module: the snapshot is gathered here, before it (ZeRO-3, FSDP).
+        self._balora_ref_state = self._balora_full_reference()
+        try:
+            with distributed.full_state_dict_saving(self.accelerator):  # FSDP: the adapter files are written
+                super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self._balora_ref_state = None
         if not getattr(self, "_balora_in_checkpoint", False):
             self._balora_write_artefacts(output_dir if output_dir is not None else self.args.output_dir)
 
@@ -223,27 +261,61 @@ class BALoRATrainerMixin:
         repo_id = getattr(self, "hub_model_id", None) or getattr(self.args, "hub_model_id", None)
         update_model_card(directory, self.balora.config, tags=host_tags, repo_id=repo_id)
 
+    def _balora_full_reference(self) -> dict[str, torch.Tensor] | None:
+        """The snapshot adapter's full weights when an engine shards them (a collective: every rank), else None."""
+        if REF_ADAPTER not in unwrap(self.model).peft_config:
+            return None
+        return distributed.full_adapter_state(unwrap(self.model), REF_ADAPTER, wrapped=self.model_wrapped)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The final output of a run holds the trainable form in balora_resume/ (its root: the converted plain LoRA).
         resume_from_checkpoint = resume_adapter_dir(resume_from_checkpoint)
-        peft_model = unwrap(model if model is not None else self.model)
+        model = model if model is not None else self.model
         # this process's own initial adapter, before the checkpoint's replaces it (transformers 5.24 loads balora_ref/)
-        fresh = adapter_state(peft_model, REF_ADAPTER) if REF_ADAPTER in peft_model.peft_config else None
+        fresh = self._balora_own_initial(model)
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         if os.path.isfile(os.path.join(resume_from_checkpoint, "adapter_model.safetensors")):
             # transformers 5.16 (axolotl 0.19's pin), seeing adapter sub-folders (our balora_ref/), loads only those
             # and silently keeps the fresh trained adapter; 5.24 loads both. Reload it (a no-op where it was loaded).
-            load_initial_adapter(peft_model, resume_from_checkpoint, self.balora.adapter_name)
+            load_initial_adapter(
+                unwrap(model), resume_from_checkpoint, self.balora.adapter_name, wrapped=model
+            )
+        self._balora_restore_reference(resume_from_checkpoint, model, fresh)
+
+    def _balora_own_initial(self, model) -> dict[str, torch.Tensor] | None:
+        """This process's initial adapter when it holds it whole (None without a snapshot or when it is sharded)."""
+        peft_model = unwrap(model)
+        if REF_ADAPTER not in peft_model.peft_config:
+            return None
+        if distributed.adapter_is_sharded(peft_model, REF_ADAPTER, wrapped=model):
+            init = lora_init(peft_model, self.balora.adapter_name)
+            if isinstance(init, str) and "niter" in init.lower():
+                raise ValueError(
+                    f"resuming init_lora_weights={init!r} under a sharded engine (ZeRO-3 after its start, FSDP): this "
+                    "run drew another randomised SVD, so its frozen base is not the residual the checkpoint was "
+                    "trained on, and a sharded base cannot be set back. Resume with init_lora_weights='pissa' (exact, "
+                    "deterministic SVD), or with DeepSpeed, which restores before it shards."
+                )
+            return None
+        return adapter_state(peft_model, REF_ADAPTER)
+
+    def _balora_restore_reference(
+        self, checkpoint: str, model, fresh: dict[str, torch.Tensor] | None
+    ) -> None:
+        """Load the reference snapshot from ``checkpoint``'s balora_ref/ (every rank: a collective when sharded);
+        after a randomised init, set the frozen base back to the checkpoint's residual (``fresh``: this run's own
+        initial adapter)."""
+        peft_model = unwrap(model)
         if REF_ADAPTER not in peft_model.peft_config:
             return
-        initial = find_initial_adapter(resume_from_checkpoint)
+        initial = find_initial_adapter(checkpoint)
         if initial is None:
             raise FileNotFoundError(
-                f"BA-LoRA: checkpoint {resume_from_checkpoint!r} holds no {INITIAL_DIR}/ (the frozen initial adapter); "
+                f"BA-LoRA: checkpoint {checkpoint!r} holds no {INITIAL_DIR}/ (the frozen initial adapter); "
                 "without it the reference would be rebuilt from the current weights. Resume from a checkpoint "
                 "written by a BA-LoRA trainer."
             )
-        load_initial_adapter(peft_model, initial, REF_ADAPTER)
+        load_initial_adapter(peft_model, initial, REF_ADAPTER, wrapped=model)
         if fresh is not None:  # a randomised init (pissa_niter_N) left another residual base in this process
             fixed = restore_residual_base(peft_model, fresh)
             if fixed:

@@ -7,6 +7,8 @@ Hooks, in the order axolotl calls them:
 * config validation (:class:`~.args.BALoRAArgs`): key types/values, then one validator per rule: misspelled
   ``balora_*`` keys, ``adapter: lora``/``qlora``, no PiSSA on a quantised base, no RL / reward model / KD trainer /
   ReLoRA, no MLP/embedding LoRA kernels, the axolotl release (``compat.py``, the one place releases differ).
+* ``pre_lora_load``: under DeepSpeed ZeRO-3, keeps the DeepSpeed config registered so PEFT's PiSSA init gathers
+  the partitioned base weights (axolotl drops it after loading the model).
 * ``post_lora_load``: validates the PEFT model, decides the reference and adds the frozen snapshot of the initial
   adapter on a rewritten base (PiSSA created here, or a pre-initialised PiSSA pair from ``lora_model_dir``).
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
@@ -28,6 +30,7 @@ try:
     from axolotl.integrations.base import BasePlugin
     from axolotl.utils.logging import get_logger
 
+    from ..core.distributed import zero3_config_for_adapter_init
     from ..core.model import validate_model
     from ..core.reference import REF_ADAPTER, init_rewrites_base, lora_init, prepare_reference, unwrap
     from . import compat
@@ -60,6 +63,7 @@ class BALoRAPlugin(BasePlugin):
         super().__init__()
         self._trainer = None
         self._post_train_calls = 0
+        self._zero3_config = None  # transformers keeps only a weak reference to it
 
     def get_input_args(self) -> str:
         return "balora_plugins.axolotl.args.BALoRAArgs"
@@ -73,6 +77,12 @@ class BALoRAPlugin(BasePlugin):
             cfg[key] = False
         if unset:
             LOG.warning("BA-LoRA: %s set to false (%s).", ", ".join(unset), KERNEL_REASON)
+
+    def pre_lora_load(self, cfg, model):
+        if plugin_listed(
+            cfg
+        ):  # DeepSpeed ZeRO-3: PEFT's PiSSA init must see the partitioned base weights whole
+            self._zero3_config = zero3_config_for_adapter_init(cfg.deepspeed, model)
 
     def post_lora_load(self, cfg, model):
         if not plugin_listed(cfg):

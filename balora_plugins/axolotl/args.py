@@ -180,6 +180,19 @@ def no_relora(data: Mapping[str, Any]) -> None:
         )
 
 
+def whole_sequences(data: Mapping[str, Any]) -> None:
+    """Context / sequence parallelism gives each rank a slice of every sequence; the reference forward replays
+    the whole backbone outside the sharded attention, and the SVD term needs whole micro-batches."""
+    for key in ("context_parallel_size", "sequence_parallel_degree"):
+        if (data.get(key) or 1) > 1:
+            raise ValueError(
+                f"{key}={data[key]!r}: each rank then holds a slice of every sequence, while BA-LoRA's reference "
+                "forward runs the whole backbone outside axolotl's sequence-parallel attention and its SVD term "
+                f"needs whole micro-batches. Remove `{key}`; shard the model with `deepspeed:` (ZeRO-3) or "
+                "`fsdp_config:` instead."
+            )
+
+
 def verified_kernels_only(data: Mapping[str, Any]) -> None:
     """axolotl's fused LoRA kernels must read PEFT's adapter state per call for the reference switch to reach them."""
     on = [k for k in UNVERIFIED_KERNELS if data.get(k)]
@@ -212,6 +225,7 @@ class _BALoRAArgsBase(BaseModel):
     _balora_lora_adapter = _rule(lora_adapter)
     _balora_no_residual_init_on_quantised_base = _rule(no_residual_init_on_quantised_base)
     _balora_no_relora = _rule(no_relora)
+    _balora_whole_sequences = _rule(whole_sequences)
     _balora_verified_kernels_only = _rule(verified_kernels_only)
     _balora_supported_release = _rule(supported_release)
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import CONFIG_NAME
+from .distributed import load_adapter_state
 from .reference import REF_ADAPTER, adapter_state, init_is_approximate, init_rewrites_base
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -241,17 +242,23 @@ def write_servable_layout(output_dir: str) -> str | None:
 
 
 def save_initial_adapter(
-    peft_model, directory: str, adapter_name: str = REF_ADAPTER, source: str = "default"
+    peft_model,
+    directory: str,
+    adapter_name: str = REF_ADAPTER,
+    source: str = "default",
+    state: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Save the frozen step-0 adapter (the reference snapshot) as a loadable PEFT adapter in ``directory``.
 
     Its config keeps the trained adapter's settings but says ``init_lora_weights=True`` and uses the key
-    layout of ``source`` so :func:`convert_state_dicts` can pair the tensors.
+    layout of ``source`` so :func:`convert_state_dicts` can pair the tensors. ``state``: its weights gathered
+    beforehand when an engine shards them (:func:`~balora_plugins.core.distributed.full_adapter_state`).
     """
     from peft.utils import get_peft_model_state_dict
 
     os.makedirs(directory, exist_ok=True)
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    if state is None:
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(directory, ADAPTER_WEIGHTS)
     )
@@ -266,11 +273,14 @@ def save_initial_adapter(
     return directory
 
 
-def load_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADAPTER) -> None:
-    """Restore the reference snapshot from a saved initial adapter (used on resume)."""
+def load_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADAPTER, wrapped=None) -> None:
+    """Restore the reference snapshot from a saved initial adapter (used on resume); ``wrapped``: the engine's
+    model when it may shard the adapter (then every rank must call this)."""
     from peft.utils import set_peft_model_state_dict
 
     _, state = _read_adapter(directory)
+    if load_adapter_state(peft_model, state, adapter_name, wrapped=wrapped):
+        return
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     for n, p in peft_model.named_parameters():

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import local_shard
+
 
 # ---------------------------------------------------------------------------------------------- the head
 @dataclass
@@ -78,10 +80,11 @@ class OutputHead:
     def gram_factor(self) -> torch.Tensor:
         """R (d', d') with RᵀR = W̃ᵀW̃ (W̃ = [W, b] when there is a bias), cached per weight version."""
         src = self.weight if self.source is None else self.source
-        local = src.to_local() if hasattr(src, "to_local") else src  # a DTensor: its shard's storage
+        local = local_shard(src)  # a DTensor's / ZeRO-3 parameter's own shard: the same storage every step
         no_bias_key = self.bias is None or self.source is not None  # a gathered bias is a new copy every step
         bias_key = None if no_bias_key else (self.bias.data_ptr(), self.bias._version)
-        key = (local.data_ptr(), src._version, tuple(self.weight.shape), self.weight.dtype, bias_key)
+        shard = (local.data_ptr(), local._version)
+        key = (shard, src._version, tuple(self.weight.shape), self.weight.dtype, bias_key)
         owner = _FACTOR_CACHE.get("owner")  # a freed head's address and version can be reused by a new tensor
         if _FACTOR_CACHE.get("key") == key and owner is not None and owner() is src:
             return _FACTOR_CACHE["R"]

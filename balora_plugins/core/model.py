@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import BALoRAConfig
+from . import distributed
 from . import reference as ref
 from .fused import OutputHead
 
@@ -49,11 +50,9 @@ def output_head(model: nn.Module) -> OutputHead:
         scale /= float(text_cfg.logits_scaling)
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
     weight, bias, source = lin.weight, getattr(lin, "bias", None), None
-    if hasattr(
-        weight, "full_tensor"
-    ):  # FSDP2 / tensor-parallel DTensor: gather the frozen head for this step
-        source, weight = weight, weight.full_tensor()  # the DTensor parameter keys the Gram-factor cache
-        bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+    if distributed.is_sharded(weight):  # ZeRO-3 / FSDP2 / tensor parallel: a full copy for this step only
+        source = weight  # the parameter, not the copy, keys the Gram-factor cache
+        weight, bias = distributed.gathered_copy(weight, bias)
     return OutputHead(weight=weight, bias=bias, scale=scale, softcap=softcap, source=source)
 
 
@@ -226,9 +225,8 @@ def check_reference_head(head: OutputHead, ref_model: nn.Module) -> None:
     inner = ref.unwrap(ref_model)
     inner = inner.get_base_model() if ref.is_peft_model(inner) else inner
     lin = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    other = getattr(lin, "weight", None)
-    if other is not None and (hasattr(other, "full_tensor") or hasattr(head.weight, "full_tensor")):
-        return  # sharded (DTensor) heads: not gathered here
+    # a sharded head is gathered: a collective, and every rank runs prepare()
+    (other,) = distributed.gathered_copy(getattr(lin, "weight", None))
     mine = head.weight.detach()
     if other is not None and tuple(other.shape) == tuple(mine.shape):
         delta = (other.detach().to(mine.device).float() - mine.float()).norm()

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import BALoRAConfig
 from ..functional import valid_position_mask
+from . import distributed
 from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
 from .model import (
@@ -147,7 +148,8 @@ class BALoRAObjective:
             self._backbone, self._backbone_path = backbone, path
             self._hook = backbone.register_forward_hook(self._capture, with_kwargs=True)
         if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
+            self.ref_model.eval()  # (a DeepSpeed engine's eval() returns None)
+            self.ref_model.requires_grad_(False)
         return self
 
     @property
@@ -254,6 +256,15 @@ class BALoRAObjective:
             ``(loss, metrics)``: a 0-d tensor to add to the host's loss and a dict of floats keyed
             ``balora/...``.
         """
+        try:
+            return self._compute(model, inputs, logits, scaling, progress, step, total_steps)
+        finally:
+            if self.head is not None and self.head.source is not None:
+                self.head = None  # a sharded head's per-step full copy (core/distributed.py) is not kept
+
+    def _compute(
+        self, model, inputs, logits, scaling, progress, step, total_steps
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         scaling = scaling or LossScaling()
         lambdas = self.config.lambdas_at(progress, step=step, total_steps=total_steps)
         weights = {t.name: t.weight(lambdas) for t in self.terms}
@@ -339,18 +350,21 @@ class BALoRAObjective:
                 "model's forward, on the model passed to prepare()."
             )
         hidden = self._captured["hidden"]
-        # read the head afresh: FSDP2 swaps the module's parameters after prepare()
-        self.head = output_head(ref.unwrap(model).get_base_model())
         mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
+        # Every rank reads the head and runs the reference forward, rows or not: collectives under ZeRO-3 and FSDP.
+        # The head is read afresh (FSDP2 swaps the module's parameters after prepare()); a sharded head is copied
+        # whole for the step while its parameter stays the Gram-factor cache's key (FSDP1: its root unit gathered).
+        with distributed.unsharded_root(model, fsdp2=False):
+            self.head = output_head(ref.unwrap(model).get_base_model())
+        with distributed.unsharded_root(model):
+            ref_rows = self.reference_hidden(model)[mask] if need_ref else None
+        self._captured = None
         if not bool(mask.any()):  # legitimate (a prompt truncated to the max length): nothing to regularise
             self.skipped["no_valid_rows"] = self.skipped.get("no_valid_rows", 0) + 1
             metrics["balora/skipped_no_valid_rows"] = float(self.skipped["no_valid_rows"])
-            self._captured = None
             return None, None, None, True
         rows = hidden[mask]
-        ref_rows = self.reference_hidden(model)[mask] if need_ref else None
-        self._captured = None
         return rows, ref_rows, HiddenView(rows, self.head), True
 
     def valid_mask(self, inputs: Mapping[str, Any], hidden: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
+
 REF_ADAPTER = "balora_ref"
 # PEFT's LoRA inits that rewrite the frozen base weight when the adapter is created (peft 0.20 - 0.21,
 # LoraLayer.update_layer): W_res = W - s·B0A0 for PiSSA, OLoRA, CorDA and LoRA-GA; LoftQ replaces W by its
@@ -161,21 +163,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-@contextlib.contextmanager
-def _gathered(params: list[torch.Tensor]) -> Iterator[None]:
-    """DeepSpeed ZeRO-3 partitions parameters into empty placeholders: gather ``params`` for reading."""
-    parted = [p for p in params if hasattr(p, "ds_id")]
-    if not parted:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parted, modifier_rank=None):
-        yield
-
-
 def _adds_something(a: torch.Tensor, b: torch.Tensor) -> bool:
-    with torch.no_grad(), _gathered([a, b]):
+    with torch.no_grad(), distributed.gathered([a, b]):
         return bool(_full(a).detach().any()) and bool(_full(b).detach().any())
 
 
@@ -203,7 +192,7 @@ def pissa_signature(a: torch.Tensor, b: torch.Tensor, m: nn.Module) -> float:
     if w is None or a.dim() != 2 or b.dim() != 2:
         return math.inf
     gen = torch.Generator().manual_seed(0)  # own generator: the training RNG is left alone
-    with torch.no_grad(), _gathered([w, a, b]):
+    with torch.no_grad(), distributed.gathered([w, a, b]):
         w32, a32, b32 = (_full(t).detach().float() for t in (w, a, b))
         d_out, d_in = w32.shape
         x = torch.randn(d_in, 4, generator=gen).to(w32.device)
@@ -353,7 +342,11 @@ def copy_adapter_weights(peft_model: nn.Module, source: str, target: str) -> int
     """Copy every parameter of adapter ``source`` onto adapter ``target``; returns how many were copied."""
     params = dict(peft_model.named_parameters())
     n = 0
-    with torch.no_grad():
+    both = [
+        *distributed.adapter_parameters(peft_model, source),
+        *distributed.adapter_parameters(peft_model, target),
+    ]
+    with torch.no_grad(), distributed.gathered(both, modifier_rank=0):  # ZeRO-3: rank 0's copy reaches all
         for key, p in params.items():
             if f".{source}." not in key:
                 continue
@@ -472,7 +465,7 @@ def _mergeable(m: nn.Module, adapter: str) -> bool:
         and not getattr(m, "use_dora", {}).get(adapter, False)
         and not getattr(m, "fan_in_fan_out", False)
         and m.lora_B[adapter].bias is None
-        and not hasattr(base.weight, "to_local")
+        and not distributed.is_sharded(base.weight)  # read outside its own module's forward: must be whole
     )
 
 
