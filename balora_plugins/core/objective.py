@@ -30,6 +30,7 @@ from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
 from .model import check_reference_head, decoder_of, output_head, validate_model
 from .plugins import collect_terms
+from .refcache import ReferenceCache, reference_state
 from .terms import MATRIX, ROW, Term
 
 
@@ -97,6 +98,8 @@ class BALoRAObjective:
         self._in_reference = False
         self.skipped: dict[str, int] = {}
         self.num_classes: int | None = None
+        # NLU only (the config refuses it for NLG): reference logits per example, exact (core/refcache.py)
+        self.reference_cache = ReferenceCache() if self.config.reference_cache else None
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> BALoRAObjective:
@@ -282,7 +285,7 @@ class BALoRAObjective:
         rows = hidden[mask]
         ref_rows = self.reference_hidden(model)[mask] if need_ref else None
         self._captured = None
-        return rows, ref_rows, HiddenView(rows, self.head), True
+        return rows, ref_rows, HiddenView(rows, self.head, self.config.chunk_size), True
 
     def valid_mask(self, inputs: Mapping[str, Any], hidden: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: the positions whose next-token label is trained (``shift_labels`` / shifted ``labels``)."""
@@ -309,7 +312,15 @@ class BALoRAObjective:
                 "BA-LoRA (task='nlu') needs the classifier logits (B, C) of the forward: pass logits=."
             )
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
-        ref_logits = self._reference_logits(model, inputs) if need_ref else None
+        ref_logits = None
+        if need_ref and self.reference_cache is not None:
+            fwd = {k: v for k, v in inputs.items() if k != "labels"}
+            state = reference_state(ref.unwrap(self.ref_model if self.mode == "model" else model))
+            ref_logits = self.reference_cache.logits(
+                fwd, lambda sub: self._reference_logits(model, sub), state
+            )
+        elif need_ref:
+            ref_logits = self._reference_logits(model, inputs)
         return logits, ref_logits, LogitsView(logits), False
 
     # ------------------------------------------------------------------ helpers
