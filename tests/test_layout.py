@@ -76,7 +76,9 @@ def test_the_tools_use_only_public_names_of_the_library(path):
             continue
         if any(part.startswith("_") for part in mod.split(".")):
             problems.append(f"imports private module {mod}")
-        problems += [f"imports private {mod}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+        problems += [
+            f"imports private {mod}.{n}" for n in names if n.startswith("_") and not n.startswith("__")
+        ]
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Attribute) and node.attr in private:
             owner = node.value.id if isinstance(node.value, ast.Name) else None
