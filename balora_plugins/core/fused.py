@@ -174,12 +174,15 @@ class OutputHead:
             return _FACTOR_CACHE["R"]
         with torch.no_grad():
             w = self.weight.detach()
-            if self.bias is not None:
-                w = torch.cat([w, self.bias.detach()[:, None].to(w.dtype)], dim=1)
-            gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device)
-            for s in range(0, w.shape[0], 8192):  # fp64 Gram without a full fp64 copy of W
-                blk = w[s : s + 8192].double()
-                gram += blk.T @ blk
+            b = None if self.bias is None else self.bias.detach()
+            d = w.shape[1] + (b is not None)
+            gram = torch.zeros(d, d, dtype=torch.float64, device=w.device)
+            step = max(1, UPCAST_BLOCK_BYTES // (8 * d))
+            for s in range(0, w.shape[0], step):  # fp64 Gram of W̃ = [W, b], one block of rows in fp64 at a time
+                blk = w[s : s + step].double()
+                if b is not None:
+                    blk = torch.cat([blk, b[s : s + step, None].double()], dim=1)
+                gram.addmm_(blk.T, blk)
             evals, evecs = torch.linalg.eigh(gram)
             r = (evecs * evals.clamp(min=0).sqrt()).T  # R = Λ^½ Qᵀ, so RᵀR = Q Λ Qᵀ = G
             r = r.float()
