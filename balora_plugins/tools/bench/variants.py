@@ -165,7 +165,9 @@ def run_nlu_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     if variant != "a":
         from balora_plugins.core import BALoRAObjective
 
-        cfg = balora_config(args, "nlu", reference_cache=variant == "b_cache")
+        # k < classes, as the demo does: with k = D the SVD share is identically 1 and skipped (docs/cli.md)
+        k = min(5, max(1, shape["classes"] - 1))
+        cfg = balora_config(args, "nlu", reference_cache=variant == "b_cache", svd_top_k=k)
         objective = BALoRAObjective(cfg).prepare(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     last: dict[str, float] = {}
