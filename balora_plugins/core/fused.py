@@ -178,7 +178,9 @@ class OutputHead:
             d = w.shape[1] + (b is not None)
             gram = torch.zeros(d, d, dtype=torch.float64, device=w.device)
             step = max(1, UPCAST_BLOCK_BYTES // (8 * d))
-            for s in range(0, w.shape[0], step):  # fp64 Gram of W̃ = [W, b], one block of rows in fp64 at a time
+            for s in range(
+                0, w.shape[0], step
+            ):  # fp64 Gram of W̃ = [W, b], one block of rows in fp64 at a time
                 blk = w[s : s + step].double()
                 if b is not None:
                     blk = torch.cat([blk, b[s : s + step, None].double()], dim=1)

@@ -12,11 +12,16 @@ from .args import NLU_VARIANTS, VARIANTS, dtype_name
 from .build import balora_config, model_shape, nlu_shape
 
 # The project's targets, defined on the default CPU configuration: label -> (path of the figure in the JSON
-# document, comparison, bound). Wall-time ratios depend on what else runs on the machine; the CPU-time ratios
-# (this process's CPU seconds) are the contention-robust ones.
+# document, comparison, bound). Wall-time ratios depend on what else runs on the machine, and so, less, do CPU
+# times (shared cores and caches); the ratio of (a) and (b) steps interleaved in one process is the robust one.
 TARGETS: dict[str, tuple[tuple[str, ...], str, float]] = {
     "step time b/a <= 1.5": (("ratios", "step_time", "b/a"), "<=", 1.5),
-    "step CPU time b/a <= 1.5 (contention-robust)": (("ratios", "step_cpu_time", "b/a"), "<=", 1.5),
+    "step CPU time b/a <= 1.5": (("ratios", "step_cpu_time", "b/a"), "<=", 1.5),
+    "step CPU time b/a <= 1.5, (a)/(b) steps interleaved (contention-robust)": (
+        ("variants", "b", "paired", "b/a_cpu"),
+        "<=",
+        1.5,
+    ),
     "peak memory b/a <= 1.10": (("ratios", "peak_memory", "b/a"), "<=", 1.10),
     "peak memory b/a <= 1.10 at bf16": (("dtypes", "bf16", "ratios", "peak_memory", "b/a"), "<=", 1.10),
     "peak memory c/b >= 1.5": (("ratios", "peak_memory", "c/b"), ">=", 1.5),
@@ -161,6 +166,12 @@ def format_table(doc: dict[str, Any]) -> str:
         "",
         *_ratio_rows(rat, ("b/a", "c/a", "c/b")),
     ]
+    paired = res.get("b", {}).get("paired")
+    if paired:
+        lines.append(
+            f"{'b/a':<12} {_x(paired['b/a']):>10} {_x(paired['b/a_cpu']):>10}   (a) and (b) steps interleaved in one "
+            f"process, median of {len(paired['a_s'])} pairs"
+        )
     for dtype, sec in doc.get("dtypes", {}).items():
         lines += ["", f"(a) and (b) in {dtype} (peak memory of the first step; one timed step):"]
         lines += _variant_rows(sec["variants"], VARIANTS) + _ratio_rows(sec["ratios"], ("b/a",))

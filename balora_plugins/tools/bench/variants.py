@@ -137,8 +137,48 @@ def run_variant(variant: str, args: argparse.Namespace, dtype: str | None = None
         "tokens": args.batch * args.seq_len,
     }
     if variant == "b" and main:
+        result["paired"] = paired_steps(model, objective, batch, opt, args, say)
         result["terms"] = term_timings(model, objective, batch, args, say)
     return result
+
+
+def paired_steps(model, objective, batch, opt, args, say) -> dict[str, Any]:
+    """``--steps`` pairs of one (a) step and one (b) step, alternated on (b)'s model in this process.
+
+    The two steps of a pair see the same load from other processes, so the median of the per-pair ratios b/a is
+    robust to a machine whose load drifts between the variants' processes (the (a) step runs on the model with
+    the snapshot adapter present but unused: the same computation as variant (a)).
+    """
+    from .measure import sync
+
+    def step(regularized: bool) -> None:
+        loss = model(**batch).loss
+        if regularized:
+            loss = loss + objective.compute(model, batch)[0].to(loss.dtype)
+        else:
+            objective.release_capture()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out: dict[str, list[float]] = {k: [] for k in ("a_s", "b_s", "a_cpu_s", "b_cpu_s")}
+    for i in range(args.steps):
+        for kind in ("a", "b"):
+            sync(args.device)
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            step(kind == "b")
+            sync(args.device)
+            out[f"{kind}_s"].append(time.perf_counter() - wall0)
+            out[f"{kind}_cpu_s"].append(time.process_time() - cpu0)
+        say(
+            f"pair {i + 1}/{args.steps}: a {out['a_s'][-1]:.2f} s (CPU {out['a_cpu_s'][-1]:.2f}), "
+            f"b {out['b_s'][-1]:.2f} s (CPU {out['b_cpu_s'][-1]:.2f})"
+        )
+    return {
+        **out,
+        "b/a": statistics.median(b / a for a, b in zip(out["a_s"], out["b_s"])),
+        "b/a_cpu": statistics.median(b / a for a, b in zip(out["a_cpu_s"], out["b_cpu_s"])),
+    }
 
 
 def run_nlu_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
