@@ -282,7 +282,8 @@ class HiddenView(LogitsView):
         return self._gram
 
     def singular_values(self) -> torch.Tensor:
-        return singular_values_from_gram(self.gram())
+        """The min(M, |V|) singular values of Z, descending (fp32)."""
+        return singular_values_from_gram(self.gram())[: min(self.shape)]
 
     def frobenius(self) -> torch.Tensor:
         return frobenius_from_gram(self.gram())
