@@ -100,7 +100,7 @@ class BALoRAConfig:
     eps: float = _help("Added to the SVD denominators.", default=1e-8)
     reference_cache: bool = _help(
         "NLU only: keep each example's reference logits (D numbers, keyed by the example's tokens) and skip the "
-        "reference forward for examples seen before — exact, the reference never changes; costs about 4·D + 200 "
+        "reference forward for examples seen before — exact, the reference never changes; costs about 4·D + 150 "
         "bytes of CPU memory per distinct example.",
         default=False,
     )
