@@ -22,7 +22,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow
 def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert bench.main([*TINY, "--json", str(path)]) == 0

@@ -235,7 +235,6 @@ def _callback_run(mode: str, device: str, tmp_path) -> list[dict[str, float]]:
     return _balora_logs(trainer)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_callback_in_bf16_and_fp16_agrees_with_fp32(device, tmp_path):
     """transformers ``Trainer`` + the callback: fp32 weights under bf16 autocast, bf16 weights, fp16 weights."""
@@ -244,7 +243,6 @@ def test_callback_in_bf16_and_fp16_agrees_with_fp32(device, tmp_path):
         _close_terms(_callback_run(mode, device, tmp_path), ref)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_trl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
     pytest.importorskip("trl")
