@@ -151,6 +151,12 @@ class BALoRAConfig:
         default="skip",
     )
     eps: float = _help("Added to the SVD denominators.", default=1e-8)
+    reference_cache: bool = _help(
+        "NLU only: keep each example's reference logits (D numbers, keyed by the example's tokens) and skip the "
+        "reference forward for examples seen before — exact, the reference never changes; costs about 4·D + 150 "
+        "bytes of CPU memory per distinct example.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         self._fill_preset_defaults()
@@ -206,6 +212,14 @@ class BALoRAConfig:
             raise ValueError(f"BALoRAConfig.shift_labels={self.shift_labels!r} must be True or False.")
         if not self.shift_labels and self.task == "nlu":
             raise ValueError("BALoRAConfig.shift_labels=False only applies to task='nlg' (token positions).")
+        if not isinstance(self.reference_cache, bool):
+            raise ValueError(f"BALoRAConfig.reference_cache={self.reference_cache!r} must be True or False.")
+        if self.reference_cache and self.task != "nlu":
+            raise ValueError(
+                "BALoRAConfig.reference_cache=True applies to task='nlu' only: a causal LM's reference output per "
+                "example is a (tokens, |V|) distribution, too large to keep exactly (docs/method.md §2). Set "
+                "reference_cache=False."
+            )
 
     def _validate_adaptive(self) -> None:
         bounds = {n: getattr(self, n) for n in ("lambda_consistency_min", "lambda_consistency_max")}

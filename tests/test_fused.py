@@ -233,9 +233,49 @@ def test_chunks_bound_peak_logits(chunk, impl):
         total.backward()
     assert max(seen) <= chunk and sum(seen) == m and len(seen) == -(-m // chunk)
     sizes = [int(torch.Size(s).numel()) for s in rec.shapes]
-    # the largest tensor is one chunk of logits (or the head itself); never the (M, |V|) matrix
-    assert max(sizes) <= max(chunk, d) * v < m * v
+    # the largest tensor is one chunk of logits and its reference logits, computed in one product with the head
+    # (or the head itself); never the (M, |V|) matrix
+    assert max(sizes) <= max(2 * chunk, d) * v < m * v
     logits_like = [s for s in rec.shapes if len(s) == 2 and s[-1] == v]
-    assert logits_like and max(s[0] for s in logits_like) <= max(chunk, d)
+    assert logits_like and max(s[0] for s in logits_like) <= max(2 * chunk, d)
     exp, _ = _materialised(h, h_ref, head, [1.0, 1.0])
     torch.testing.assert_close(total, exp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["frobenius", "nuclear"])
+def test_softcap_svd_with_more_rows_than_columns(norm):
+    """M > |V|: the M×M Gram has M − |V| zero eigenvalues; they pass no gradient and are not singular values."""
+    h, _, w, _ = _data(m=30, d=6, v=12, seed=4)
+    head = OutputHead(weight=w, softcap=3.0)
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    view = HiddenView(h1, head, chunk_size=2)
+    s = view.singular_values()
+    assert s.shape == (12,)
+    fused = Fn.svd_share(s, k=3, norm=norm, eps=1e-8, frobenius=view.frobenius())
+    plain = Fn.svd_loss(head.logits(h2), k=3, norm=norm)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
+    fused.backward()
+    plain.backward()
+    assert torch.isfinite(h1.grad).all()
+    _grad_close(h1.grad, h2.grad)
+
+
+def test_softcap_gram_never_materialises_the_logits():
+    """The soft-capped SVD path (forward and backward) holds one block of ``chunk·|V|/M`` columns plus M×M."""
+    m, d, v, chunk = 40, 6, 500, 4
+    h, _, w, _ = _data(m=m, d=d, v=v, seed=8)
+    head = OutputHead(weight=w, softcap=5.0)
+    h1 = h.clone().requires_grad_(True)
+    with _Sizes() as rec:
+        view = HiddenView(h1, head, chunk_size=chunk)
+        loss = Fn.svd_share(
+            view.singular_values(), k=3, norm="frobenius", eps=1e-8, frobenius=view.frobenius()
+        )
+        loss.backward()
+    sizes = [int(torch.Size(s).numel()) for s in rec.shapes if tuple(s) != (v, d)]  # not views of the head
+    assert max(sizes) <= max(m * m, m * (chunk * v // m)) < m * v
+    h2 = h.clone().requires_grad_(True)
+    plain = Fn.svd_loss(head.logits(h2), k=3, norm="frobenius")
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-7)
+    plain.backward()
+    _grad_close(h1.grad, h2.grad)

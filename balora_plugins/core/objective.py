@@ -38,6 +38,7 @@ from .model import (
     validate_model,
 )
 from .plugins import collect_terms
+from .refcache import ReferenceCache, reference_state
 from .terms import MATRIX, ROW, TemperedEntropyRows, Term
 
 
@@ -107,6 +108,8 @@ class BALoRAObjective:
         self._in_reference = False
         self.skipped: dict[str, int] = {}
         self.num_classes: int | None = None
+        # NLU only (the config refuses it for NLG): reference logits per example, exact (core/refcache.py)
+        self.reference_cache = ReferenceCache() if self.config.reference_cache else None
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> BALoRAObjective:
@@ -365,7 +368,7 @@ class BALoRAObjective:
             metrics["balora/skipped_no_valid_rows"] = float(self.skipped["no_valid_rows"])
             return None, None, None, True
         rows = hidden[mask]
-        return rows, ref_rows, HiddenView(rows, self.head), True
+        return rows, ref_rows, HiddenView(rows, self.head, self.config.chunk_size), True
 
     def valid_mask(self, inputs: Mapping[str, Any], hidden: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: the positions whose next-token label is trained (``shift_labels`` / shifted ``labels``)."""
@@ -392,7 +395,15 @@ class BALoRAObjective:
                 "BA-LoRA (task='nlu') needs the classifier logits (B, C) of the forward: pass logits=."
             )
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
-        ref_logits = self._reference_logits(model, inputs) if need_ref else None
+        ref_logits = None
+        if need_ref and self.reference_cache is not None:
+            fwd = {k: v for k, v in inputs.items() if k != "labels"}
+            state = reference_state(ref.unwrap(self.ref_model if self.mode == "model" else model))
+            ref_logits = self.reference_cache.logits(
+                fwd, lambda sub: self._reference_logits(model, sub), state
+            )
+        elif need_ref:
+            ref_logits = self._reference_logits(model, inputs)
         return logits, ref_logits, LogitsView(logits), False
 
     # ------------------------------------------------------------------ helpers
