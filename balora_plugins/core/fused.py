@@ -27,7 +27,6 @@ import torch
 
 from .distributed import local_shard
 
-
 # ---------------------------------------------------------------------------------------------- the head
 # At most this many bytes of a low-precision head are held in fp32 at a time (one block of its rows).
 UPCAST_BLOCK_BYTES = 32 * 2**20
