@@ -13,6 +13,7 @@ CUDA (marked ``gpu``; skipped without a GPU, see ``scripts/gpu_check.sh``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -302,8 +303,13 @@ def test_axolotl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
     from datasets import Dataset
     from transformers import default_data_collator
 
+    from balora_plugins.axolotl.args import BALoRATrainingArgsMixin
     from balora_plugins.axolotl.trainer import AxolotlBALoRATrainer
 
+    # the arguments `axolotl train` builds once the plugin is registered: axolotl's own with the balora_* fields
+    args_cls = AxolotlTrainingArguments
+    if not issubclass(args_cls, BALoRATrainingArgsMixin):  # this process has not registered the plugin
+        args_cls = dataclasses.make_dataclass("Args", [], bases=(BALoRATrainingArgsMixin, AxolotlTrainingArguments))
     base = tiny_llama(seed=1)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -313,7 +319,7 @@ def test_axolotl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
 
     def run(mode, dev):
         dtype, flags = _precision(mode)
-        args = AxolotlTrainingArguments(
+        args = args_cls(
             output_dir=str(tmp_path / f"ax-{mode}"),
             per_device_train_batch_size=4,
             max_steps=3,
@@ -327,6 +333,7 @@ def test_axolotl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
             optim="adamw_torch",
             dataloader_num_workers=0,
             **flags,
+            **{f"balora_{k}": v for k, v in ON.items()},
         )
         trainer = AxolotlBALoRATrainer(
             model=lora(copy.deepcopy(base).to(dtype), init="pissa"),
@@ -334,8 +341,8 @@ def test_axolotl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
             train_dataset=Dataset.from_list(rows),
             data_collator=default_data_collator,
             eval_data_collator=default_data_collator,
-            balora_config=BALoRAConfig(**ON),
         )
+        assert trainer.balora.config == BALoRAConfig(**ON)
         trainer.train()
         return _balora_logs(trainer)
 

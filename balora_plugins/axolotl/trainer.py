@@ -28,6 +28,13 @@ class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
     tag_names = ["axolotl", "ba-lora", "peft"]
 
     def __init__(self, *args: Any, **kwargs: Any):
+        if "balora_config" in kwargs:
+            raise TypeError(
+                f"{type(self).__name__} takes no balora_config={kwargs['balora_config']!r}: it reads its settings "
+                "from the balora_* fields of its TrainingArguments (balora_preset, balora_lambda_svd, ...). Put "
+                "them in the axolotl YAML, or pass them to the arguments, or use BALoRASFTTrainer / BALoRACallback "
+                "outside axolotl."
+            )
         super().__init__(*args, **kwargs)
         missing = [k for k in TRAINING_ARGS if not hasattr(self.args, k)]
         if missing:
