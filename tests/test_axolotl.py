@@ -522,7 +522,9 @@ def test_trainer_refuses_arguments_without_balora_settings_and_a_foreign_trainer
         RuntimeError, match="needs its BA-LoRA settings on its TrainingArguments.*'balora_preset'"
     ):
         _trainer(AxolotlBALoRATrainer, lora(tiny_llama(), init="pissa"), tmp_path, args_cls=bare)
-    with pytest.raises(TypeError, match="takes no balora_config=.*balora_\\* fields of its TrainingArguments"):
+    with pytest.raises(
+        TypeError, match="takes no balora_config=.*balora_\\* fields of its TrainingArguments"
+    ):
         AxolotlBALoRATrainer(model=lora(tiny_llama(), init="pissa"), balora_config="v5-nlg")
     plugin = PluginManager.get_instance().plugins[PLUGIN]
     cfg = validate()

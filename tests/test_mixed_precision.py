@@ -309,7 +309,9 @@ def test_axolotl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
     # the arguments `axolotl train` builds once the plugin is registered: axolotl's own with the balora_* fields
     args_cls = AxolotlTrainingArguments
     if not issubclass(args_cls, BALoRATrainingArgsMixin):  # this process has not registered the plugin
-        args_cls = dataclasses.make_dataclass("Args", [], bases=(BALoRATrainingArgsMixin, AxolotlTrainingArguments))
+        args_cls = dataclasses.make_dataclass(
+            "Args", [], bases=(BALoRATrainingArgsMixin, AxolotlTrainingArguments)
+        )
     base = tiny_llama(seed=1)
     g = torch.Generator().manual_seed(0)
     rows = []
