@@ -118,20 +118,47 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 4):
     return BertForSequenceClassification(cfg).eval()
 
 
-def lora(
-    model,
-    init="pissa",
-    r=4,
-    alpha=8,
-    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    **kw,
-):
-    from peft import LoraConfig, get_peft_model
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    cfg = LoraConfig(
+
+def lora_config(init="pissa", r=4, alpha=8, targets=ALL_PROJECTIONS, **kw):
+    """The tests' LoraConfig: rank ``r``, α = ``alpha``, no dropout, ``init`` on ``targets``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=init, **kw
     )
-    return get_peft_model(model, cfg)
+
+
+def lora(model, init="pissa", r=4, alpha=8, targets=ALL_PROJECTIONS, **kw):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(init, r, alpha, targets, **kw))
+
+
+def sft_args(out, config_class=None, **kw):
+    """TRL ``SFTConfig`` (or ``config_class``) of the tiny runs: CPU, fp32 (TRL's own default is bf16), no
+    gradient checkpointing, 3 steps of 4 rows at lr 1e-2, no saving or reporting; ``kw`` overrides."""
+    if config_class is None:
+        from trl import SFTConfig as config_class
+    base = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        max_length=32,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return config_class(**base)
 
 
 def batch(b=2, t=12, seed=0, vocab=VOCAB, prompt=3):

@@ -247,10 +247,8 @@ def test_callback_in_bf16_and_fp16_agrees_with_fp32(device, tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 def test_trl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
     pytest.importorskip("trl")
-    from conftest import tiny_tokenizer
+    from conftest import lora_config, sft_args, tiny_tokenizer
     from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig
 
     from balora_plugins.trl import BALoRASFTTrainer
 
@@ -258,32 +256,14 @@ def test_trl_trainer_in_bf16_agrees_with_fp32(device, tmp_path):
 
     def run(mode, dev):
         dtype, flags = _precision(mode)
-        args = SFTConfig(
-            output_dir=str(tmp_path / f"trl-{mode}"),
-            use_cpu=dev == "cpu",
-            report_to=[],
-            save_strategy="no",
-            max_steps=3,
-            logging_steps=1,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            seed=0,
-            max_length=32,
-            disable_tqdm=True,
-            **flags,
-        )
+        # the fp32 run must say bf16=False (TRL's default is bf16); gradient checkpointing on, TRL's default
+        args = sft_args(tmp_path / f"trl-{mode}", use_cpu=dev == "cpu", gradient_checkpointing=True, **flags)
         trainer = BALoRASFTTrainer(
             tiny_llama().to(dtype),
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tiny_tokenizer(),
-            peft_config=LoraConfig(
-                r=4,
-                lora_alpha=8,
-                lora_dropout=0.0,
-                target_modules=["q_proj", "v_proj", "up_proj"],
-                init_lora_weights="pissa",
-            ),
+            peft_config=lora_config(targets=["q_proj", "v_proj", "up_proj"]),
             balora_config=BALoRAConfig(**ON),
         )
         trainer.train()

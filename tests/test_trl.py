@@ -16,10 +16,10 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import FakeHub, lora, tiny_llama, tiny_tokenizer  # noqa: E402
+from conftest import FakeHub, lora, lora_config, sft_args, tiny_llama, tiny_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.core.reference import REF_ADAPTER, adapter_state  # noqa: E402
@@ -71,30 +71,7 @@ def texts(n: int = 12, seed: int = 0) -> Dataset:
 
 
 def peft_config(init="pissa", targets=TARGETS) -> LoraConfig:
-    return LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=init
-    )
-
-
-def sft_args(out, config_class=SFTConfig, **kw) -> SFTConfig:
-    base = dict(
-        output_dir=str(out),
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
-        max_steps=3,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return config_class(**base)
+    return lora_config(init, targets=targets)
 
 
 def trainer(out, *, balora=ALL_ON, init="pissa", dataset=None, host=False, wrapped=False, **kw):
