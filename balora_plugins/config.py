@@ -157,6 +157,13 @@ class BALoRAConfig:
         "bytes of CPU memory per distinct example.",
         default=False,
     )
+    overwrite_output_dir: bool = _help(
+        "Start a new run in an output_dir that holds BA-LoRA checkpoints (checkpoint-N/) of an earlier run, which "
+        "the new run then overwrites step by step. False (default): such a run is refused — before the model and "
+        "data load where the door can tell — and you resume it instead (--resume_from_checkpoint, "
+        "trainer.train(resume_from_checkpoint=...), axolotl's resume_from_checkpoint).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         self._fill_preset_defaults()
@@ -212,6 +219,10 @@ class BALoRAConfig:
             raise ValueError(f"BALoRAConfig.shift_labels={self.shift_labels!r} must be True or False.")
         if not self.shift_labels and self.task == "nlu":
             raise ValueError("BALoRAConfig.shift_labels=False only applies to task='nlg' (token positions).")
+        if not isinstance(self.overwrite_output_dir, bool):
+            raise ValueError(
+                f"BALoRAConfig.overwrite_output_dir={self.overwrite_output_dir!r} must be True or False."
+            )
         if not isinstance(self.reference_cache, bool):
             raise ValueError(f"BALoRAConfig.reference_cache={self.reference_cache!r} must be True or False.")
         if self.reference_cache and self.task != "nlu":

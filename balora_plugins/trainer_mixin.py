@@ -86,15 +86,13 @@ class BALoRATrainerMixin:
 
     # ------------------------------------------------------------------ guard against silent overwrites
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
-        if not resume_from_checkpoint and self.args.should_save:
-            earlier = earlier_balora_checkpoints(self.args.output_dir)
-            if earlier:
-                raise FileExistsError(
-                    f"output_dir={self.args.output_dir!r} already holds BA-LoRA checkpoints from an earlier run "
-                    f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); training would overwrite them "
-                    "silently. Resume with trainer.train(resume_from_checkpoint=True), choose a new output_dir, "
-                    "or delete the old checkpoints."
-                )
+        if (
+            not resume_from_checkpoint
+            and self.args.should_save
+            and not self.balora.config.overwrite_output_dir
+        ):
+            # the doors refuse earlier where they know the resume intent (TRL arguments, axolotl's config)
+            refuse_overwriting_checkpoints(self.args.output_dir, **TRAINER_HINTS)
         if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
             # DeepSpeed resumes from its own checkpoint files and never calls _load_from_checkpoint; under ZeRO-3
             # they hold no frozen parameter, so the reference snapshot comes from the checkpoint's balora_ref/.
@@ -132,6 +130,7 @@ class BALoRATrainerMixin:
         reg, metrics = self.balora.compute(
             model, batch, logits=logits, scaling=scaling, progress=progress, step=step, total_steps=total
         )
+        metrics[TASK_LOSS] = task_loss_value(loss, scaling)
         self._balora_record(metrics, "train" if training else "eval")
         if training:
             loss = loss + reg.to(loss.dtype)
@@ -326,6 +325,23 @@ class BALoRATrainerMixin:
                 )
 
 
+TASK_LOSS = "balora/task_loss"
+"""The host's own loss without the BA-LoRA terms (``loss`` = task loss + Σ λ·term in training)."""
+
+
+def task_loss_value(loss: torch.Tensor, scaling: LossScaling) -> float:
+    """One micro-batch's task loss on the scale of the host's logged ``loss``, so that the metric stores' mean over
+    the micro-batches of a logging interval equals the host's ``loss`` when all λ = 0.
+
+    The host logs, per optimizer step, the sum over its micro-batches of the loss after its accumulation rule: a
+    loss normalised by the step's ``num_items_in_batch`` is summed as it is (so each micro-batch counts ``ga_steps``
+    times here), a micro-batch mean is divided by ``ga_steps`` (so it counts once). In evaluation (no scaling)
+    it is the micro-batch's loss, which ``eval_loss`` averages too.
+    """
+    value = float(loss.detach().float().mean())
+    return value if scaling.host_divides_by_ga else value * max(scaling.ga_steps, 1)
+
+
 def host_loss_scaling(trainer: Any, num_items_in_batch: Any) -> LossScaling:
     """How ``trainer`` (a transformers ``Trainer`` or subclass: TRL, axolotl) scales the loss of this step.
 
@@ -355,13 +371,43 @@ def host_loss_scaling(trainer: Any, num_items_in_batch: Any) -> LossScaling:
 
 
 def earlier_balora_checkpoints(output_dir: str) -> list[str]:
-    """Names of ``checkpoint-*`` folders in ``output_dir`` written by a BA-LoRA trainer (hold balora_config.json)."""
+    """Names of the ``checkpoint-N`` folders in ``output_dir`` written by a BA-LoRA trainer (they hold
+    balora_config.json), in step order."""
     if not output_dir or not os.path.isdir(output_dir):
         return []
-    return sorted(
+    found = [
         d
         for d in os.listdir(output_dir)
         if d.startswith("checkpoint-") and os.path.isfile(os.path.join(output_dir, d, "balora_config.json"))
+    ]
+    step = {d: d[len("checkpoint-") :] for d in found}
+    return sorted(found, key=lambda d: (int(step[d]) if step[d].isdigit() else -1, d))
+
+
+TRAINER_HINTS = dict(
+    resume="call trainer.train(resume_from_checkpoint=True) (the latest: {latest}), or on a TRL script's command "
+    "line pass --resume_from_checkpoint {latest}",
+    overwrite="set the BA-LoRA setting overwrite_output_dir (BALoRAConfig(overwrite_output_dir=True), "
+    "--balora_overwrite_output_dir true)",
+)
+"""How a Trainer user (TRL's Python API, the callback) resumes or opts out: the mixin's refusal names both."""
+
+
+def refuse_overwriting_checkpoints(output_dir: str, *, resume: str, overwrite: str) -> None:
+    """Raise ``FileExistsError`` when ``output_dir`` holds BA-LoRA checkpoints of an earlier run.
+
+    ``resume`` and ``overwrite`` say, in the door's own terms (``{latest}``: the newest checkpoint's path), how to
+    continue that run and how to start over in the same folder (the ``overwrite_output_dir`` setting).
+    """
+    earlier = earlier_balora_checkpoints(output_dir)
+    if not earlier:
+        return
+    latest = os.path.join(output_dir, earlier[-1])
+    names = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+    raise FileExistsError(
+        f"output_dir={output_dir!r} already holds BA-LoRA checkpoints of an earlier run ({names}); a new run "
+        f"would overwrite them. To continue that run, {resume.format(latest=latest)}. To start over, choose "
+        f"another output_dir, or {overwrite}."
     )
 
 

@@ -28,20 +28,42 @@ from typing import Any
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
-from .arguments import DEFAULT_PRESET, BALoRAFields, add_balora_fields, balora_field_names
+from .arguments import (
+    DEFAULT_PRESET,
+    INIT_FIELD,
+    PAPER_INIT,
+    BALoRAFields,
+    add_balora_fields,
+    balora_field_names,
+)
 from .config import PRESETS, BALoRAConfig
-from .core.card import PAPER
+from .core.card import PAPER, nearest_preset
 from .core.model import validate_model
-from .core.reference import is_peft_model, resolve_mode, unwrap
-from .trainer_mixin import BALoRATrainerMixin
+from .core.reference import is_peft_model, lora_init, resolve_mode, unwrap
+from .trainer_mixin import BALoRATrainerMixin, refuse_overwriting_checkpoints
 
 __all__ = ["BALoRASFTConfig", "BALoRASFTTrainer"]
 
 NLG_PRESETS = tuple(name for name, values in PRESETS.items() if values["task"] == "nlg")
 
 
+# The command line's refusal to start over in an output_dir holding an earlier run's checkpoints.
+ARGS_HINTS = dict(
+    resume="pass --resume_from_checkpoint {latest} (TRL's scripts hand it to trainer.train; in Python: "
+    "BALoRASFTConfig(resume_from_checkpoint=...) and trainer.train(resume_from_checkpoint=args."
+    "resume_from_checkpoint))",
+    overwrite="pass --balora_overwrite_output_dir true (balora_overwrite_output_dir=True)",
+)
+PLAIN_INIT_WARNING = (
+    "BA-LoRA: the LoRA adapter has plain initialisation (init_lora_weights={init!r}), so this run is the "
+    "{preset} regularizers on plain LoRA, NOT the paper's method, which starts from PiSSA. For the paper's method "
+    f"pass --{INIT_FIELD} {PAPER_INIT} (BALoRASFTConfig({INIT_FIELD}={PAPER_INIT!r}), or LoraConfig("
+    f"init_lora_weights={PAPER_INIT!r})); to keep plain LoRA and silence this, --{INIT_FIELD} lora."
+)
+
+
 # ---------------------------------------------------------------------------------------------- the config
-@add_balora_fields(presets=NLG_PRESETS)
+@add_balora_fields(presets=NLG_PRESETS, adapter_init=True)
 class BALoRASFTConfig(BALoRAFields, SFTConfig):
     """``trl.SFTConfig`` plus every BA-LoRA setting as a ``balora_*`` field (``balora_lambda_svd``, ...).
 
@@ -49,7 +71,13 @@ class BALoRASFTConfig(BALoRAFields, SFTConfig):
     as in the axolotl YAML; the fields are generated from ``BALoRAConfig`` (:mod:`balora_plugins.arguments`). The
     settings are validated here, with the field names in the errors; afterwards every ``balora_*`` field holds
     the value that trains, so trackers record the effective settings. :meth:`to_balora_config` returns them as a
-    :class:`~balora_plugins.BALoRAConfig`.
+    :class:`~balora_plugins.BALoRAConfig`. ``balora_init`` (e.g. ``pissa_niter_16``, the paper's) sets the
+    initialisation of the adapter the trainer builds from ``peft_config`` — the one thing TRL's
+    ``get_peft_config(ModelConfig)`` cannot say.
+
+    An ``output_dir`` holding BA-LoRA checkpoints of an earlier run is refused here, before any model or data
+    loads, unless ``resume_from_checkpoint`` (``--resume_from_checkpoint``, which TRL's scripts hand to
+    ``trainer.train``) or ``balora_overwrite_output_dir`` is set.
     """
 
     def __post_init__(self) -> None:
@@ -57,6 +85,48 @@ class BALoRASFTConfig(BALoRAFields, SFTConfig):
         # What the user set (before the fields are filled in): only these can disagree with balora_config=.
         self._balora_explicit = tuple(k for k in balora_field_names() if getattr(self, k) is not None)
         self.set_balora_fields(self.to_balora_config(), preset=self.balora_preset or DEFAULT_PRESET)
+        self.adapter_init()  # a bad balora_init fails here, naming the field
+        if not self.resume_from_checkpoint and not self.balora_overwrite_output_dir:
+            refuse_overwriting_checkpoints(self.output_dir, **ARGS_HINTS)
+
+
+def with_adapter_init(model: Any, peft_config: Any, args: Any) -> Any:
+    """``peft_config`` with the initialisation ``args.balora_init`` asks for (``peft_config`` itself when unset).
+
+    Refuses, naming both values, a ``peft_config`` that already names another non-default initialisation, a model
+    that is already a ``PeftModel`` initialised otherwise (an adapter is initialised once, when it is created) and
+    a ``balora_init`` without any adapter to build.
+    """
+    init = args.adapter_init() if isinstance(args, BALoRAFields) else None
+    if init is None:
+        return peft_config
+    asked = f"{INIT_FIELD}={getattr(args, INIT_FIELD)!r}"
+    if peft_config is None:
+        if isinstance(model, nn.Module) and is_peft_model(model):
+            have = lora_init(unwrap(model))
+            if have == init:
+                return None
+            raise ValueError(
+                f"{asked} but the model is already a PeftModel whose adapter was initialised with "
+                f"init_lora_weights={have!r}; an adapter is initialised once, when it is created. Pass the base "
+                "model with peft_config=LoraConfig(...) (TRL: --use_peft) so the trainer creates it, or leave "
+                f"{INIT_FIELD} unset."
+            )
+        raise ValueError(
+            f"{asked} initialises the LoRA adapter the trainer builds from peft_config, but no peft_config was "
+            "given: pass one (a TRL script: --use_peft, which get_peft_config(model_args) turns into a LoraConfig)."
+        )
+    have = getattr(peft_config, "init_lora_weights", None)
+    if have is None:
+        raise ValueError(
+            f"{asked} applies to a LoraConfig, but peft_config is a {type(peft_config).__name__}."
+        )
+    if have is not True and have != init:
+        raise ValueError(
+            f"{asked} but peft_config.init_lora_weights={have!r}: the initialisation is set twice and the two "
+            f"disagree. Set it in one place (leave {INIT_FIELD} unset, or the LoraConfig's init_lora_weights)."
+        )
+    return dataclasses.replace(peft_config, init_lora_weights=init)
 
 
 def resolve_balora_config(balora_config: BALoRAConfig | str | dict | None, args: Any) -> BALoRAConfig:
@@ -144,13 +214,23 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
             )
             extra_plugins = kwargs.pop("balora_plugins")
         # A bad config or model fails here, before TRL prepares the data or runs PiSSA's SVD.
-        config = resolve_balora_config(balora_config, kwargs.get("args", args[0] if args else None))
+        training_args = kwargs.get("args", args[0] if args else None)
+        config = resolve_balora_config(balora_config, training_args)
+        kwargs["peft_config"] = with_adapter_init(model, kwargs.get("peft_config"), training_args)
         if isinstance(model, nn.Module):
-            _check_before_wrap(model, kwargs.get("peft_config"), config, ref_model)
+            _check_before_wrap(model, kwargs["peft_config"], config, ref_model)
         super().__init__(model, *args, **kwargs)
         if isinstance(ref_model, str):
             ref_model = self._balora_load_reference(ref_model)
         self._balora_setup(config, ref_model=ref_model, extra_plugins=extra_plugins)
+        explicit = getattr(training_args, INIT_FIELD, None) is not None
+        if not explicit and not self.balora.rewrites_base and any(v > 0 for v in config.lambdas.values()):
+            init = lora_init(unwrap(self.model), self.balora.adapter_name)
+            warnings.warn(
+                PLAIN_INIT_WARNING.format(init=init, preset=nearest_preset(config)[0]),
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _balora_load_reference(self, model_id: str) -> nn.Module:
         """Load a reference given by hub id or path, as TRL's DPO trainer loads its reference (TRL 1.16).

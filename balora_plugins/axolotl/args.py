@@ -29,6 +29,7 @@ from ..config import (
     BALoRAConfig,
 )
 from ..core.reference import init_is_approximate, init_rewrites_base
+from ..trainer_mixin import refuse_overwriting_checkpoints
 from . import compat
 
 PLUGIN = "balora_plugins.axolotl.BALoRAPlugin"
@@ -204,6 +205,25 @@ def verified_kernels_only(data: Mapping[str, Any]) -> None:
         )
 
 
+YAML_HINTS = dict(
+    resume="set `resume_from_checkpoint: {latest}` (or `auto_resume_from_checkpoints: true`)",
+    overwrite="set `balora_overwrite_output_dir: true`",
+)
+
+
+def no_silent_overwrite(data: Mapping[str, Any]) -> None:
+    """An output_dir holding BA-LoRA checkpoints of an earlier run is resumed or overwritten on purpose, refused
+    here, before axolotl loads the model and the data."""
+    if data.get("resume_from_checkpoint") or data.get("auto_resume_from_checkpoints"):
+        return
+    if data.get("balora_overwrite_output_dir") is True:
+        return
+    try:
+        refuse_overwriting_checkpoints(str(data.get("output_dir") or "./model-out"), **YAML_HINTS)
+    except FileExistsError as exc:  # a ValueError is what axolotl's config validation reports
+        raise ValueError(str(exc)) from None
+
+
 def supported_release(data: Mapping[str, Any]) -> None:
     """The installed axolotl release is supported, and the config uses none of its settings BA-LoRA does not."""
     compat.check_release()
@@ -228,6 +248,7 @@ class _BALoRAArgsBase(BaseModel):
     _balora_whole_sequences = _rule(whole_sequences)
     _balora_verified_kernels_only = _rule(verified_kernels_only)
     _balora_supported_release = _rule(supported_release)
+    _balora_no_silent_overwrite = _rule(no_silent_overwrite)
 
     @model_validator(mode="after")
     def _balora_check_config(self) -> Any:

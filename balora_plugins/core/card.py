@@ -35,7 +35,7 @@ BEGIN = "<!-- balora-plugins:begin -->"
 END = "<!-- balora-plugins:end -->"
 CARD_NAME = "README.md"
 # Fields that change how the terms are computed, not what is optimised: left out of the card's preset comparison.
-_EXECUTION_FIELDS = ("chunk_size", "on_nonfinite")
+_EXECUTION_FIELDS = ("chunk_size", "on_nonfinite", "overwrite_output_dir")
 
 
 def nearest_preset(config: BALoRAConfig) -> tuple[str, dict[str, Any]]:

@@ -8,8 +8,9 @@
 
 The arguments are parsed by TRL's ``TrlParser`` into this script's options, ``BALoRASFTConfig`` (TRL's
 ``SFTConfig`` with every BA-LoRA setting as a ``balora_*`` option; ``--help`` lists them) — the same keys work
-on the command line and in a ``--config`` YAML file. ``--no_balora`` sets every λ to 0: plain PiSSA, identical to
-``trl.SFTTrainer``.
+on the command line and in a ``--config`` YAML file. ``--balora_init`` (default here ``pissa_niter_16``, the
+paper's; ``--tiny``: ``pissa``; ``lora``: plain LoRA) initialises the adapter. ``--no_balora`` sets every λ to 0:
+plain PiSSA, identical to ``trl.SFTTrainer``.
 
 Data: ``reasoning_gym`` ``gsm_symbolic`` problems, generated offline from a seed, as a conversational
 prompt-completion dataset (user: the question; assistant: the worked solution ending in ``#### <answer>``), so
@@ -52,6 +53,7 @@ TRAINING_DEFAULTS = dict(
     gradient_checkpointing=False,
     use_cpu=not torch.cuda.is_available(),
     seed=0,
+    balora_init="pissa_niter_16",  # the paper's initialisation (--balora_init lora: plain LoRA)
 )
 # --tiny: seconds on a CPU
 TINY_DEFAULTS = dict(
@@ -64,6 +66,7 @@ TINY_DEFAULTS = dict(
     warmup_steps=0,
     logging_steps=1,
     disable_tqdm=True,
+    balora_init="pissa",
 )
 
 
@@ -82,9 +85,6 @@ class ScriptArguments:
     eval_size: int = field(default=32, metadata={"help": "held-out problems"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    init_lora_weights: str = field(
-        default="pissa_niter_16", metadata={"help": "PEFT init: pissa, pissa_niter_N, or true (plain LoRA)"}
-    )
     no_balora: bool = field(
         default=False, metadata={"help": "all λ = 0: plain PiSSA, identical to trl.SFTTrainer"}
     )
@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None):
     script, training = parser.parse_args_and_config(argv)
     if script.tiny:  # smaller defaults; what the command line or the YAML file sets still wins
         parser.set_defaults(**{k: v for k, v in TINY_DEFAULTS.items() if k in known})
-        parser.set_defaults(train_size=16, eval_size=4, lora_r=4, lora_alpha=8, init_lora_weights="pissa")
+        parser.set_defaults(train_size=16, eval_size=4, lora_r=4, lora_alpha=8)
         script, training = parser.parse_args_and_config(argv)
     if script.no_balora:
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, tokenizer = tiny_causal_lm(texts, seed=training.seed)
     else:
         model, tokenizer = load_causal_lm(script.model)
-    init = True if script.init_lora_weights.lower() == "true" else script.init_lora_weights
     trainer = BALoRASFTTrainer(
         model,
         args=training,  # holds the balora_* settings: no balora_config= needed
@@ -185,9 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lora_alpha=script.lora_alpha,
             lora_dropout=0.0,
             target_modules=TARGETS,
-            init_lora_weights=init,
             task_type="CAUSAL_LM",
-        ),
+        ),  # initialised as --balora_init says (BALoRASFTConfig applies it)
     )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
