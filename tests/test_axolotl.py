@@ -508,6 +508,50 @@ def test_trainer_subclasses_axolotls_and_reports_through_its_metric_store(tmp_pa
     assert not hasattr(reg, "_balora_metrics") and not any(reg._stored_metrics[m] for m in ("train", "eval"))
 
 
+def test_task_loss_is_axolotls_loss_through_its_metric_store(tmp_path):
+    """balora/task_loss: axolotl's own logged loss when every λ = 0 (2 accumulation steps), loss − Σ λ·term when
+    λ > 0; eval_balora/task_loss is eval_loss."""
+    from balora_plugins.axolotl.trainer import AxolotlBALoRATrainer
+
+    base = tiny_llama(seed=1)
+    host = _trainer(AxolotlTrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "host")
+    off = dict(balora_lambda_consistency=0.0, balora_lambda_diversity=0.0, balora_lambda_svd=0.0)
+    zero = _trainer(AxolotlBALoRATrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "z", **off)
+    on = dict(balora_lambda_consistency=0.5, balora_lambda_diversity=0.1, balora_lambda_svd=0.1)
+    on.update(balora_consistency_schedule="constant", balora_regularizer_schedule="constant")
+    reg = _trainer(AxolotlBALoRATrainer, lora(copy.deepcopy(base), init="pissa"), tmp_path / "r", **on)
+    for t in (host, zero, reg):
+        t.train()
+    logs = {id(t): [h for h in t.state.log_history if "loss" in h] for t in (host, zero, reg)}
+    want = [h["loss"] for h in logs[id(host)]]
+    assert len(want) == 2
+    assert [h["balora/task_loss"] for h in logs[id(zero)]] == pytest.approx(want, rel=1e-5)
+    first = logs[id(reg)][0]  # step 1: same weights and batch as the host
+    assert first["balora/task_loss"] == pytest.approx(want[0], rel=1e-5)
+    assert first["loss"] - first["balora/task_loss"] == pytest.approx(first["balora/loss"], abs=2e-4)
+    evaluation = reg.evaluate(eval_dataset=reg.train_dataset)
+    assert evaluation["eval_balora/task_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
+
+
+def test_an_earlier_run_in_output_dir_fails_config_validation_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "balora_config.json").write_text("{}")
+    with pytest.raises(ValueError) as err:
+        validate(output_dir=str(out))  # before axolotl loads the model or the data
+    message = str(err.value)
+    assert "already holds BA-LoRA checkpoints of an earlier run (checkpoint-3)" in message
+    assert f"`resume_from_checkpoint: {out / 'checkpoint-3'}`" in message
+    assert (
+        "`auto_resume_from_checkpoints: true`" in message and "`balora_overwrite_output_dir: true`" in message
+    )
+    validate(output_dir=str(out), resume_from_checkpoint=str(out / "checkpoint-3"))
+    validate(output_dir=str(out), auto_resume_from_checkpoints=True)
+    cfg = validate(output_dir=str(out), balora_overwrite_output_dir=True)
+    assert balora_config_from_cfg(cfg).overwrite_output_dir is True
+    validate(output_dir=str(tmp_path / "fresh"))
+
+
 def test_trainer_refuses_arguments_without_balora_settings_and_a_foreign_trainer(tmp_path, monkeypatch):
     import dataclasses
 
