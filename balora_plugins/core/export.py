@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -288,7 +289,13 @@ def load_initial_adapter(peft_model, directory: str, adapter_name: str = REF_ADA
 
 
 def export_merged(
-    adapter_dir: str, out: str, *, base: str | None = None, overwrite: bool = False, dtype: str = "auto"
+    adapter_dir: str,
+    out: str,
+    *,
+    base: str | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """Write the merged full model of ``adapter_dir`` on the untouched ``base`` into ``out``; returns ``out``.
 
@@ -297,9 +304,11 @@ def export_merged(
     ``base_model_name_or_path``. ``dtype`` is the merged model's: ``"auto"`` (default) keeps the base checkpoint's
     own dtype (a bf16 base gives a bf16 model), or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. PEFT loads the
     adapter in float32 (``autocast_adapter_dtype``), so the update s·B'A' is formed in float32 and rounded once,
-    when it is added to the base weight.
+    when it is added to the base weight. ``progress`` gets one line as each long step starts.
     """
     import tempfile
+
+    say = progress or (lambda message: None)
 
     if dtype not in MERGE_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(MERGE_DTYPES)}.")
@@ -318,7 +327,9 @@ def export_merged(
 
     load_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     with tempfile.TemporaryDirectory() as tmp:
+        say(f"converting {adapter_dir} to a plain LoRA adapter")
         plain = export_plain_lora(adapter_dir, os.path.join(tmp, "plain_lora"))
+        say(f"loading the base model {base} (dtype {dtype})")
         if cfg.get("task_type") == "SEQ_CLS":
             num_labels = _num_labels(plain)
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -326,7 +337,9 @@ def export_merged(
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype)
+        say("merging the adapter into the base model")
         merged = PeftModel.from_pretrained(model, plain).merge_and_unload()
+        say(f"writing the merged model to {out}")
         merged.save_pretrained(out)
     try:
         AutoTokenizer.from_pretrained(base).save_pretrained(out)

@@ -1,16 +1,19 @@
 """The ``balora`` command: ``demo``, ``export``, ``report`` and ``bench``.
 
-Usage errors (bad options, a non-empty ``--out`` without ``--overwrite``) exit with code 2 before anything heavy
-is imported or trained; runtime failures (a model that does not load, ...) print ``balora: error: ...`` and
-exit with code 1.
+Usage errors (bad options, a missing ``--base`` folder, a non-empty ``--out`` without ``--overwrite``) exit with
+code 2 before anything heavy is imported or trained; runtime failures (a model that does not load, a missing
+optional dependency, ...) print one line, ``balora <command>: error: ...``, naming the argument, the value and
+the fix, and exit with code 1. Progress goes to stderr; ``--json`` puts a machine-readable result on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --merge: the merged model's dtype (default auto: the base checkpoint's own)",
     )
     exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    exp.add_argument("--json", action="store_true", help="print the written paths as JSON on stdout")
 
     rep = sub.add_parser(
         "report",
@@ -127,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("run_dir", help="output directory of a run (or of several runs, or of `balora demo`)")
     rep.add_argument("--out", help="where to write report.md and the PNGs (default RUN_DIR/balora_report)")
+    rep.add_argument(
+        "--json", action="store_true", help="print the written paths and each run's summary as JSON"
+    )
 
     sub.add_parser(
         "bench", help="benchmarks of the BA-LoRA terms (see `balora bench --help`)", add_help=False
@@ -149,6 +156,38 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+class CommandFailed(Exception):
+    """A runtime failure of a command, already worded for the user (one line); exit code 1."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (host libraries write several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def progress_printer(command: str) -> Callable[[str], None]:
+    """``balora <command>: [elapsed] message`` on stderr, one line per step of long work."""
+    start = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"balora {command}: [{time.monotonic() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether ``text`` names a local folder rather than a hub id (``org/name``)."""
+    return os.path.isabs(text) or text.startswith(("./", "../", "~", ".\\")) or os.path.exists(text)
+
+
+def _adapter_base(adapter_dir: str) -> str | None:
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if (args.base or args.dtype != "auto") and not args.merge:
         parser.error(
@@ -162,25 +201,83 @@ def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         require_empty_dir(args.out, args.overwrite, what="--out")
     except FileExistsError as e:
         parser.error(str(e))
-    if args.merge:
-        out = export_merged(
-            args.adapter_dir, args.out, base=args.base, overwrite=args.overwrite, dtype=args.dtype
+    if not os.path.isfile(os.path.join(args.adapter_dir, "adapter_config.json")):
+        parser.error(
+            f"ADAPTER_DIR {args.adapter_dir!r} holds no adapter_config.json; pass a PEFT adapter folder (a BA-LoRA "
+            "output_dir, one of its checkpoint-N/ or its balora_resume/)."
+        )
+    base = args.base or _adapter_base(args.adapter_dir)
+    if args.merge and base and looks_like_path(base) and not os.path.isdir(os.path.expanduser(base)):
+        where = "argument --base" if args.base else "ADAPTER_DIR's base_model_name_or_path (pass --base)"
+        parser.error(
+            f"{where}: {base!r} is not a directory; pass the untouched base model's folder (or a hub id already "
+            "in the local Hugging Face cache) with --base."
+        )
+    say = progress_printer("export")
+    step = {"now": ""}
+
+    def track(message: str) -> None:
+        step["now"] = message
+        say(message)
+
+    try:
+        if args.merge:
+            out = export_merged(
+                args.adapter_dir,
+                args.out,
+                base=args.base,
+                overwrite=args.overwrite,
+                dtype=args.dtype,
+                progress=track,
+            )
+        else:
+            track(f"converting {args.adapter_dir} to a plain LoRA adapter")
+            out = export_plain_lora(args.adapter_dir, args.out, overwrite=args.overwrite)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        if step["now"].startswith("loading the base model"):
+            name = "--base" if args.base else "the adapter's base_model_name_or_path"
+            raise CommandFailed(
+                f"{name} {base!r} did not load as the base model ({one_line(e)}); pass the untouched base model's "
+                "folder, or a hub id in the local cache, with --base."
+            ) from None
+        raise CommandFailed(f"ADAPTER_DIR {args.adapter_dir!r}: {one_line(e)}") from None
+    files = sorted(os.path.abspath(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    if args.json:
+        print(
+            json.dumps(
+                {"command": "export", "out": os.path.abspath(out), "merged": args.merge, "files": files}
+            )
         )
     else:
-        out = export_plain_lora(args.adapter_dir, args.out, overwrite=args.overwrite)
-    what = "merged model" if args.merge else "plain LoRA adapter (load it on the untouched base model)"
-    print(f"Wrote {what} to {out}")
+        what = "merged model" if args.merge else "plain LoRA adapter (load it on the untouched base model)"
+        print(f"Wrote {what} to {out} ({len(files)} files)")
     return 0
 
 
 def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not os.path.isdir(args.run_dir):
+        parser.error(f"RUN_DIR {args.run_dir!r} is not a directory.")
+    if args.out and os.path.isfile(args.out):
+        parser.error(f"--out {args.out!r} is a file; pass a directory for report.md and the plots.")
+    try:
+        import matplotlib  # noqa: F401  (the plots; an optional dependency)
+    except ImportError:
+        raise CommandFailed(
+            "needs matplotlib to draw the plots, and it is not installed: pip install matplotlib (or install "
+            "the package with its report extra, pip install 'balora-plugins[report]')."
+        ) from None
     from balora_plugins.tools.report import ReportError, report
 
     try:
-        path, plots = report(args.run_dir, args.out)
+        path, plots, runs = report(args.run_dir, args.out, progress=progress_printer("report"))
     except ReportError as e:
         parser.error(str(e))
-    print(f"Wrote {path}" + "".join(f"\n  {p}" for p in plots.values()))
+    if args.json:
+        print(
+            json.dumps({"command": "report", "report": os.path.abspath(path), "plots": plots, "runs": runs})
+        )
+    else:
+        print(f"Wrote {path}" + "".join(f"\n  {p}" for p in plots.values()))
     return 0
 
 
@@ -211,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"demo": _demo, "export": _export, "report": _report}[args.command]
     try:
         return handler(args, command_parser)
-    except (AssetError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"balora {args.command}: error: {e}", file=sys.stderr)
+    except (CommandFailed, AssetError, OSError, ValueError, ImportError) as e:
+        print(f"balora {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -7,9 +7,10 @@ The demo's ``results.json`` adds the held-out metrics and the logits' singular-v
 
 Plots (PNG, matplotlib's Agg canvas, no display needed):
 
-* ``loss.png`` — training loss per step (and ``eval_loss`` where logged) for every run;
-* ``regularizers.png`` — each BA-LoRA term (``balora/<term>``, unweighted) and the weighted total
-  ``balora/loss`` per step, for the runs that logged them;
+* ``loss.png`` — training loss per step (and ``eval_loss`` where logged) for every run, and for BA-LoRA runs the
+  task loss alone (``balora/task_loss``, dotted: the curve to lay over a LoRA/PiSSA baseline);
+* ``regularizers.png`` — each BA-LoRA term (``balora/<term>``, unweighted, with its sign in the panel title) and
+  the weighted total ``balora/loss`` per step, for the runs that logged them;
 * ``spectrum.png`` — singular values of the output logits before (base) and after tuning (demo runs only).
 """
 
@@ -19,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PLOTS = {
@@ -32,7 +33,12 @@ PLOTS = {
 STATE = "trainer_state.json"
 REPORT = "report.md"
 _NOT_TERMS = ("lambda_", "skipped_")
-_NOT_TERM_KEYS = ("rows", "loss")
+_NOT_TERM_KEYS = ("rows", "loss", "task_loss")
+TERM_TITLES = {  # what each built-in term's logged value is, and its sign (docs/metrics.md)
+    "consistency": "consistency: KL (MSE) to the pre-trained model, >= 0",
+    "diversity": "diversity: −entropy (NLG) / decorrelation (NLU)",
+    "svd": "svd: −(top-k σ share)",
+}
 LABELS = {
     "base": "base",
     "lora": "LoRA",
@@ -86,8 +92,13 @@ def find_runs(run_dir: str) -> dict[str, str]:
 
 def load_history(path: str) -> list[dict[str, Any]]:
     """The ``log_history`` list of a trainer_state.json."""
-    with open(path, encoding="utf-8") as f:
-        state = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(
+            f"{path!r} is not a readable trainer_state.json ({e}); pass a run whose logs the trainer wrote."
+        ) from None
     history = state.get("log_history")
     if not isinstance(history, list):
         raise ReportError(f"{path!r} has no log_history list; is it a transformers trainer_state.json?")
@@ -165,6 +176,10 @@ def plot_losses(histories: dict[str, list[dict[str, Any]]], path: str, title: st
             eval_label = label if label == "_nolegend_" else f"{label} (eval)"
             ax.plot(steps, loss, color=colour, ls="--", marker="o", label=eval_label)
             drawn = True
+        steps, loss = series(history, "balora/task_loss")
+        if steps:  # BA-LoRA's loss without its terms: comparable with a baseline's loss
+            task_label = label if label == "_nolegend_" else f"{label} (task loss)"
+            ax.plot(steps, loss, color=colour, ls=":", lw=1.2, label=task_label)
     if not drawn:
         return False
     ax.set_xlabel("step")
@@ -181,7 +196,7 @@ def plot_regularizers(histories: dict[str, list[dict[str, Any]]], path: str) -> 
     terms = term_names(histories)
     if not terms:
         return False
-    panels = [(f"balora/{t}", f"L_{t} (unweighted)") for t in terms] + [
+    panels = [(f"balora/{t}", TERM_TITLES.get(t, f"{t} (unweighted)")) for t in terms] + [
         ("balora/loss", "weighted total Σ λ·L")
     ]
     ncols = min(len(panels), 2)
@@ -346,74 +361,106 @@ def plot_differences(results: dict[str, Any], path: str) -> bool:
     return True
 
 
-def render_run_dir(run_dir: str, out_dir: str, results: dict[str, Any] | None = None) -> dict[str, str]:
+def _demo_results(run_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path!r} is not a readable `balora demo` results.json ({e}).") from None
+
+
+def render_run_dir(
+    run_dir: str,
+    out_dir: str,
+    results: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, str]:
     """Write the plots for ``run_dir`` into ``out_dir``; returns ``{plot name: path}`` of those written.
 
     ``results`` (or ``run_dir/results.json`` when present) is a demo's results: its ``runs`` name the logs and
-    give the per-seed metrics plot, its ``spectra`` the spectrum plot.
+    give the per-seed metrics plot, its ``spectra`` the spectrum plot. ``progress`` gets one line per step.
     """
-    if results is None and os.path.isfile(os.path.join(run_dir, "results.json")):
-        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
-            results = json.load(f)
+    say = progress or (lambda message: None)
+    results = results if results is not None else _demo_results(run_dir)
     runs = demo_logs(results, run_dir) if results is not None else {}
     runs = runs or find_runs(run_dir)
+    say(f"reading the logs of {len(runs)} run{'s' if len(runs) != 1 else ''}")
     histories = {name: load_history(path) for name, path in runs.items()}
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     title = "Training loss" if results is None else f"Training loss ({results.get('task', '').upper()} demo)"
     targets = {k: os.path.join(out_dir, v) for k, v in PLOTS.items()}
-    if results is not None and plot_metrics(results, targets["metrics"]):
-        written["metrics"] = targets["metrics"]
-    if results is not None and plot_differences(results, targets["differences"]):
-        written["differences"] = targets["differences"]
-    if plot_losses(histories, targets["loss"], title=title):
-        written["loss"] = targets["loss"]
-    if plot_regularizers(histories, targets["regularizers"]):
-        written["regularizers"] = targets["regularizers"]
     relative = results is not None and results.get("task") != "nlu"  # an NLU base has an untrained head
-    if results is not None and plot_spectra(
-        results.get("spectra") or {}, targets["spectrum"], relative=relative
-    ):
-        written["spectrum"] = targets["spectrum"]
+    plots = {
+        "metrics": lambda path: results is not None and plot_metrics(results, path),
+        "differences": lambda path: results is not None and plot_differences(results, path),
+        "loss": lambda path: plot_losses(histories, path, title=title),
+        "regularizers": lambda path: plot_regularizers(histories, path),
+        "spectrum": lambda path: (
+            results is not None and plot_spectra(results.get("spectra") or {}, path, relative=relative)
+        ),
+    }
+    for name, draw in plots.items():
+        if draw(targets[name]):
+            written[name] = targets[name]
+            say(f"wrote {targets[name]}")
     return written
 
 
+def run_stats(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One run's summary: steps, first / last / lowest training loss, the last task loss (BA-LoRA runs), the last
+    eval loss and the last value of each BA-LoRA term (None where not logged)."""
+
+    def last(key: str) -> float | None:
+        values = series(history, key)[1]
+        return values[-1] if values else None
+
+    steps, loss = series(history, "loss")
+    return {
+        "steps": int(max(steps)) if steps else 0,
+        "first_loss": loss[0] if loss else None,
+        "last_loss": loss[-1] if loss else None,
+        "min_loss": min(loss) if loss else None,
+        "last_task_loss": last("balora/task_loss"),
+        "last_eval_loss": last("eval_loss"),
+        "terms": {t: last(f"balora/{t}") for t in term_names({"run": list(history)})},
+    }
+
+
 def run_summary(histories: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table: per run, steps, first / last / lowest training loss, last eval loss, last BA-LoRA terms."""
+    """Markdown table: per run, steps, first / last / lowest training loss, last task loss, last eval loss, last
+    BA-LoRA terms."""
     terms = term_names(histories)
-    header = ["run", "steps", "first loss", "last loss", "min loss", "last eval_loss"] + [
-        f"last {t}" for t in terms
-    ]
+    header = ["run", "steps", "first loss", "last loss", "min loss", "last task loss", "last eval_loss"]
+    header += [f"last {t}" for t in terms]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
 
-    def fmt(values: list[float]) -> str:
-        return f"{values[-1]:.4g}" if values else "–"
+    def fmt(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4g}"
 
     for name, history in histories.items():
-        steps, loss = series(history, "loss")
-        _, ev = series(history, "eval_loss")
-        row = [
-            name,
-            str(int(max(steps))) if steps else "0",
-            f"{loss[0]:.4g}" if loss else "–",
-            fmt(loss),
-            f"{min(loss):.4g}" if loss else "–",
-            fmt(ev),
+        stats = run_stats(history)
+        row = [name, str(stats["steps"])]
+        row += [
+            fmt(stats[k]) for k in ("first_loss", "last_loss", "min_loss", "last_task_loss", "last_eval_loss")
         ]
-        row += [fmt(series(history, f"balora/{t}")[1]) for t in terms]
+        row += [fmt(stats["terms"].get(t)) for t in terms]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def report(run_dir: str, out_dir: str | None = None) -> tuple[str, dict[str, str]]:
-    """`balora report`: plots and a ``report.md`` for any run directory; returns (report path, plots)."""
+def report(
+    run_dir: str, out_dir: str | None = None, progress: Callable[[str], None] | None = None
+) -> tuple[str, dict[str, str], dict[str, dict[str, Any]]]:
+    """`balora report`: plots and a ``report.md`` for any run directory; returns (report path, plots, per-run
+    summary: :func:`run_stats` with the log's path under ``log``)."""
     out_dir = out_dir or os.path.join(run_dir, "balora_report")
-    plots = render_run_dir(run_dir, out_dir)
-    results_path = os.path.join(run_dir, "results.json")
-    runs = {}
-    if os.path.isfile(results_path):
-        with open(results_path, encoding="utf-8") as f:
-            runs = demo_logs(json.load(f), run_dir)
+    plots = render_run_dir(run_dir, out_dir, progress=progress)
+    results = _demo_results(run_dir)
+    runs = demo_logs(results, run_dir) if results is not None else {}
     runs = runs or find_runs(run_dir)
     histories = {name: load_history(path) for name, path in runs.items()}
     lines = [f"# Training report: {os.path.abspath(run_dir)}", "", run_summary(histories), ""]
@@ -424,7 +471,8 @@ def report(run_dir: str, out_dir: str | None = None) -> tuple[str, dict[str, str
     path = os.path.join(out_dir, REPORT)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    return path, plots
+    summary = {name: {"log": os.path.abspath(runs[name]), **run_stats(h)} for name, h in histories.items()}
+    return path, plots, summary
 
 
 def write_summary(path: str, results: dict[str, Any], table: str, verdict: Sequence[str]) -> None:
