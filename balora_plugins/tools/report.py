@@ -434,20 +434,20 @@ def run_summary(histories: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: per run, steps, first / last / lowest training loss, last task loss, last eval loss, last
     BA-LoRA terms."""
     terms = term_names(histories)
-    header = ["run", "steps", "first loss", "last loss", "min loss", "last task loss", "last eval_loss"]
+    stats = {name: run_stats(history) for name, history in histories.items()}
+    columns = ["first_loss", "last_loss", "min_loss", "last_task_loss", "last_eval_loss"]
+    if all(s["last_task_loss"] is None for s in stats.values()):  # no BA-LoRA run logged its task loss
+        columns.remove("last_task_loss")
+    header = ["run", "steps", *(c.replace("_", " ").replace("eval loss", "eval_loss") for c in columns)]
     header += [f"last {t}" for t in terms]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
 
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.4g}"
 
-    for name, history in histories.items():
-        stats = run_stats(history)
-        row = [name, str(stats["steps"])]
-        row += [
-            fmt(stats[k]) for k in ("first_loss", "last_loss", "min_loss", "last_task_loss", "last_eval_loss")
-        ]
-        row += [fmt(stats["terms"].get(t)) for t in terms]
+    for name, run in stats.items():
+        row = [name, str(run["steps"]), *(fmt(run[c]) for c in columns)]
+        row += [fmt(run["terms"].get(t)) for t in terms]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
