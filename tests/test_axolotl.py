@@ -533,23 +533,31 @@ def test_task_loss_is_axolotls_loss_through_its_metric_store(tmp_path):
     assert evaluation["eval_balora/task_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
 
 
-def test_an_earlier_run_in_output_dir_fails_config_validation_unless_resumed_or_overwritten(tmp_path):
+def test_axolotl_train_refuses_an_earlier_run_before_loading_data_unless_resumed_or_overwritten(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)
     (out / "checkpoint-3" / "balora_config.json").write_text("{}")
-    with pytest.raises(ValueError) as err:
-        validate(output_dir=str(out))  # before axolotl loads the model or the data
+    manager = PluginManager.get_instance()
+    cfg = validate(output_dir=str(out))  # merge-lora / inference validate the same config: that passes
+    with pytest.raises(FileExistsError) as err:
+        manager.load_datasets(
+            cfg, preprocess=False
+        )  # what `axolotl train` calls first, before data and model
     message = str(err.value)
     assert "already holds BA-LoRA checkpoints of an earlier run (checkpoint-3)" in message
     assert f"`resume_from_checkpoint: {out / 'checkpoint-3'}`" in message
     assert (
         "`auto_resume_from_checkpoints: true`" in message and "`balora_overwrite_output_dir: true`" in message
     )
-    validate(output_dir=str(out), resume_from_checkpoint=str(out / "checkpoint-3"))
-    validate(output_dir=str(out), auto_resume_from_checkpoints=True)
+    for ok in (
+        dict(resume_from_checkpoint=str(out / "checkpoint-3")),
+        dict(auto_resume_from_checkpoints=True),
+        dict(balora_overwrite_output_dir=True),
+    ):
+        assert manager.load_datasets(validate(output_dir=str(out), **ok), preprocess=False) is None
     cfg = validate(output_dir=str(out), balora_overwrite_output_dir=True)
     assert balora_config_from_cfg(cfg).overwrite_output_dir is True
-    validate(output_dir=str(tmp_path / "fresh"))
+    assert manager.load_datasets(validate(output_dir=str(tmp_path / "fresh")), preprocess=False) is None
 
 
 def test_trainer_refuses_arguments_without_balora_settings_and_a_foreign_trainer(tmp_path, monkeypatch):

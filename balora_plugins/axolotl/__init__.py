@@ -7,6 +7,9 @@ Hooks, in the order axolotl calls them:
 * config validation (:class:`~.args.BALoRAArgs`): key types/values, then one validator per rule: misspelled
   ``balora_*`` keys, ``adapter: lora``/``qlora``, no PiSSA on a quantised base, no RL / reward model / KD trainer /
   ReLoRA, no MLP/embedding LoRA kernels, the axolotl release (``compat.py``, the one place releases differ).
+* ``load_datasets`` (``axolotl train`` only, before the data and the model load): an ``output_dir`` holding BA-LoRA
+  checkpoints of an earlier run is refused unless ``resume_from_checkpoint`` / ``auto_resume_from_checkpoints``
+  resumes it or ``balora_overwrite_output_dir`` overwrites it (returns None: axolotl loads the data itself).
 * ``pre_lora_load``: under DeepSpeed ZeRO-3, keeps the DeepSpeed config registered so PEFT's PiSSA init gathers
   the partitioned base weights (axolotl drops it after loading the model).
 * ``post_lora_load``: validates the PEFT model, decides the reference and adds the frozen snapshot of the initial
@@ -41,6 +44,7 @@ try:
         TRAINING_ARGS,
         BALoRAArgs,
         balora_config_from_cfg,
+        no_silent_overwrite,
         plugin_listed,
         training_args_from_cfg,
     )
@@ -77,6 +81,12 @@ class BALoRAPlugin(BasePlugin):
             cfg[key] = False
         if unset:
             LOG.warning("BA-LoRA: %s set to false (%s).", ", ".join(unset), KERNEL_REASON)
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        # the first hook of `axolotl train` after validation (merge-lora, inference, ... never call it)
+        if plugin_listed(cfg) and not preprocess:
+            no_silent_overwrite(cfg)
+        return None  # axolotl loads the datasets itself
 
     def pre_lora_load(self, cfg, model):
         if plugin_listed(

@@ -211,17 +211,16 @@ YAML_HINTS = dict(
 )
 
 
-def no_silent_overwrite(data: Mapping[str, Any]) -> None:
-    """An output_dir holding BA-LoRA checkpoints of an earlier run is resumed or overwritten on purpose, refused
-    here, before axolotl loads the model and the data."""
-    if data.get("resume_from_checkpoint") or data.get("auto_resume_from_checkpoints"):
+def no_silent_overwrite(cfg: Mapping[str, Any]) -> None:
+    """A training run into an output_dir holding BA-LoRA checkpoints of an earlier run resumes it or overwrites it
+    on purpose; otherwise ``FileExistsError`` naming both ways (the plugin's ``load_datasets`` hook: training only,
+    before axolotl loads the data and the model; ``merge-lora`` / ``inference`` on the same config stay allowed)."""
+    if cfg.get("resume_from_checkpoint") or cfg.get("auto_resume_from_checkpoints"):
         return
-    if data.get("balora_overwrite_output_dir") is True:
+    overwrite = str(cfg.get("balora_overwrite_output_dir")).strip().lower()  # a YAML bool, or a CLI string
+    if overwrite in ("true", "1"):
         return
-    try:
-        refuse_overwriting_checkpoints(str(data.get("output_dir") or "./model-out"), **YAML_HINTS)
-    except FileExistsError as exc:  # a ValueError is what axolotl's config validation reports
-        raise ValueError(str(exc)) from None
+    refuse_overwriting_checkpoints(str(cfg.get("output_dir") or "./model-out"), **YAML_HINTS)
 
 
 def supported_release(data: Mapping[str, Any]) -> None:
@@ -248,7 +247,6 @@ class _BALoRAArgsBase(BaseModel):
     _balora_whole_sequences = _rule(whole_sequences)
     _balora_verified_kernels_only = _rule(verified_kernels_only)
     _balora_supported_release = _rule(supported_release)
-    _balora_no_silent_overwrite = _rule(no_silent_overwrite)
 
     @model_validator(mode="after")
     def _balora_check_config(self) -> Any:

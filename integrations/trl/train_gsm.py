@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),  # initialised as --balora_init says (BALoRASFTConfig applies it)
     )
     before = trainer.evaluate()["eval_loss"]
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)  # as TRL's own scripts
     metrics = trainer.evaluate()
     if script.generate:
         metrics["exact_match"] = exact_match(trainer, gym, held_out, script.generate, script.max_new_tokens)
