@@ -91,7 +91,7 @@ class BALoRATrainerMixin:
             and self.args.should_save
             and not self.balora.config.overwrite_output_dir
         ):
-            # the doors refuse earlier where they know the resume intent (TRL arguments, axolotl's config)
+            # TRL's arguments and axolotl train's first hook refuse earlier (they know the resume intent there)
             refuse_overwriting_checkpoints(self.args.output_dir, **TRAINER_HINTS)
         if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
             # DeepSpeed resumes from its own checkpoint files and never calls _load_from_checkpoint; under ZeRO-3

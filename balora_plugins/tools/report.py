@@ -531,7 +531,7 @@ def write_summary(path: str, results: dict[str, Any], table: str, verdict: Seque
         "differences": "Paired differences (same seed) of the compared methods: every seed (points), the mean "
         "and its 95 % interval (bars); a bar that crosses the zero line is not significant",
         "loss": "Training loss per step, one line per seed (for BA-LoRA: the task loss plus the weighted "
-        "regularizers)",
+        "regularizers; dotted: its task loss alone, comparable with the baselines)",
         "regularizers": "BA-LoRA terms per step (unweighted) and the weighted total, one line per seed",
         "spectrum": f"Singular values of the held-out logits, base vs tuned (seed {seeds[0]})",
     }
