@@ -34,7 +34,8 @@ TAGS = ("ba-lora", "peft")
 BEGIN = "<!-- balora-plugins:begin -->"
 END = "<!-- balora-plugins:end -->"
 CARD_NAME = "README.md"
-# Fields that change how the terms are computed, not what is optimised: left out of the card's preset comparison.
+# Fields that do not change what is optimised (how the terms are computed, how a run treats its output_dir): left
+# out of the card's preset comparison.
 _EXECUTION_FIELDS = ("chunk_size", "on_nonfinite", "overwrite_output_dir")
 
 
