@@ -204,18 +204,21 @@ class BALoRATrainerMixin:
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # hub_strategy "every_save" / "checkpoint" / "all_checkpoints" push args.output_dir at every checkpoint, after
-        # the Trainer copies the checkpoint's adapter files into it — the servable root now. The card and
-        # balora_config.json travel with them, so every push shows the card of what it uploads; the "checkpoint"
-        # strategies upload the checkpoint folder itself as well, balora_resume/ included (README, "The Hub").
-        if self.args.should_save and self.is_world_process_zero():
-            output_dir = self.args.output_dir
-            for name in (ADAPTER_CONFIG, CONFIG_NAME):
+        # the Trainer copies the checkpoint's adapter files into it — the servable root now. The checkpoint's card
+        # and balora_config.json go with them (when the Trainer pushes: not with "end", nor while an earlier push is
+        # still uploading), so every push shows the card of what it uploads; the "checkpoint" strategies upload the
+        # checkpoint folder itself as well, balora_resume/ included (README, "The Hub").
+        busy = (
+            not self.args.hub_always_push
+            and self.push_in_progress is not None
+            and not self.push_in_progress.is_done()
+        )
+        strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
+        if self.is_world_process_zero() and strategy != "end" and not busy:
+            for name in (CARD_NAME, CONFIG_NAME):
                 src = os.path.join(checkpoint_folder, name)
                 if os.path.isfile(src):
-                    shutil.copy(src, os.path.join(output_dir, name))
-            if not os.path.isfile(os.path.join(output_dir, CARD_NAME)):
-                shutil.copy(os.path.join(checkpoint_folder, CARD_NAME), os.path.join(output_dir, CARD_NAME))
-            self._balora_update_card(output_dir)
+                    shutil.copy(src, os.path.join(self.args.output_dir, name))
         return super()._push_from_checkpoint(checkpoint_folder)
 
     def push_to_hub(self, *args: Any, **kwargs: Any):
