@@ -313,7 +313,21 @@ class BALoRATrainerMixin:
         host_tags = [*getattr(self, "_tag_names", ()), *getattr(self, "tag_names", ())]
         repo_id = getattr(self, "hub_model_id", None) or getattr(self.args, "hub_model_id", None)
         _, residual = self._balora_served_base()
-        update_model_card(directory, self.balora.config, tags=host_tags, repo_id=repo_id, residual=residual)
+        engine: tuple[str, ...] = ()
+        if os.path.basename(os.path.normpath(directory)).startswith("checkpoint-"):
+            # written after the adapter, by _save_checkpoint: the card names them now
+            if getattr(self, "is_deepspeed_enabled", False):
+                engine = (f"global_step{self.state.global_step}",)
+            elif getattr(self, "is_fsdp_enabled", False):
+                engine = ("pytorch_model_fsdp*",)
+        update_model_card(
+            directory,
+            self.balora.config,
+            tags=host_tags,
+            repo_id=repo_id,
+            residual=residual,
+            engine_files=engine,
+        )
 
     def _balora_full_reference(self) -> dict[str, torch.Tensor] | None:
         """The snapshot adapter's full weights when an engine shards them (a collective: every rank), else None."""

@@ -108,8 +108,12 @@ def card_section(
     repo_id: str | None = None,
     with_citation: bool = True,
     residual: str | None = None,
+    engine_files: tuple[str, ...] = (),
 ) -> str:
     """The BA-LoRA section of the card of the adapter saved in ``directory`` (Markdown, between the markers).
+
+    ``engine_files``: names of the training engine's own files the host writes into ``directory`` after the card
+    (a checkpoint's ``global_step*/``), listed with those already there as not servable.
 
     ``residual``: the residual base training loaded (a pre-initialised PiSSA pair), which the card must name as the
     model this adapter does *not* serve on when the adapter's config names no base.
@@ -188,7 +192,7 @@ def card_section(
         f"Serving needs LoRA rank {served_rank(root)}: vLLM `--enable-lora --max-lora-rank N` with N ≥ "
         f"{served_rank(root)}.",
     ]
-    engine = sorted(n for n in _listdir(directory) if n.startswith(ENGINE_STATE_PREFIXES))
+    engine = sorted({*engine_files, *(n for n in _listdir(directory) if n.startswith(ENGINE_STATE_PREFIXES))})
     if engine:
         lines += [
             "",
@@ -221,6 +225,7 @@ def update_model_card(
     tags: tuple[str, ...] | list[str] = (),
     repo_id: str | None = None,
     residual: str | None = None,
+    engine_files: tuple[str, ...] = (),
 ) -> str:
     """Add BA-LoRA's tags (:data:`TAGS` and ``tags``) and section to ``directory/README.md``; returns its path.
 
@@ -236,7 +241,12 @@ def update_model_card(
     card = ModelCard.load(path) if os.path.isfile(path) else ModelCard("---\nlibrary_name: peft\n---\n")
     text = _without_section(card.text)
     section = card_section(
-        config, directory, repo_id=repo_id, with_citation=CITATION_KEY not in text, residual=residual
+        config,
+        directory,
+        repo_id=repo_id,
+        with_citation=CITATION_KEY not in text,
+        residual=residual,
+        engine_files=engine_files,
     )
     lines = text.split("\n")
     at = next((i for i, line in enumerate(lines) if line.startswith("## ")), None)
