@@ -192,7 +192,13 @@ def card_section(
         f"Serving needs LoRA rank {served_rank(root)}: vLLM `--enable-lora --max-lora-rank N` with N ≥ "
         f"{served_rank(root)}.",
     ]
-    engine = sorted({*engine_files, *(n for n in _listdir(directory) if n.startswith(ENGINE_STATE_PREFIXES))})
+    globs = tuple(n.rstrip("*") for n in engine_files if n.endswith("*"))
+    found = [
+        n
+        for n in _listdir(directory)
+        if n.startswith(ENGINE_STATE_PREFIXES) and not (globs and n.startswith(globs))
+    ]
+    engine = sorted({*engine_files, *found})
     if engine:
         lines += [
             "",
