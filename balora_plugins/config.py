@@ -157,6 +157,18 @@ class BALoRAConfig:
         "bytes of CPU memory per distinct example.",
         default=False,
     )
+    served_base: str | None = _help(
+        "The untouched pre-trained model the saved adapter serves on (hub id or path), written as its "
+        "`base_model_name_or_path` and into the model card. Unset: the model training loaded — except for a "
+        "pre-initialised PiSSA pair, loaded on its residual base, which is not the model the adapter serves on: "
+        'name the original model here (README, "What you get after training").',
+        default=None,
+    )
+    hub_push_resume: bool = _help(
+        "Also upload `balora_resume/` (the trainable form, for continued training) on `push_to_hub`. Unset: only "
+        "with `hub_strategy` `checkpoint` / `all_checkpoints`, which upload whole checkpoints.",
+        default=False,
+    )
     overwrite_output_dir: bool = _help(
         "Start a new run in an output_dir that holds BA-LoRA checkpoints (checkpoint-N/) of an earlier run, which "
         "the new run then overwrites step by step. False (default): such a run is refused — before the model and "
@@ -223,6 +235,15 @@ class BALoRAConfig:
             raise ValueError(
                 f"BALoRAConfig.overwrite_output_dir={self.overwrite_output_dir!r} must be True or False."
             )
+        if self.served_base is not None and not (
+            isinstance(self.served_base, str) and self.served_base.strip()
+        ):
+            raise ValueError(
+                f"BALoRAConfig.served_base={self.served_base!r} must be a hub id or a path of the pre-trained "
+                "model (a non-empty string), or unset."
+            )
+        if not isinstance(self.hub_push_resume, bool):
+            raise ValueError(f"BALoRAConfig.hub_push_resume={self.hub_push_resume!r} must be True or False.")
         if not isinstance(self.reference_cache, bool):
             raise ValueError(f"BALoRAConfig.reference_cache={self.reference_cache!r} must be True or False.")
         if self.reference_cache and self.task != "nlu":

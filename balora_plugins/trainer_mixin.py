@@ -3,9 +3,11 @@
 :class:`BALoRATrainerMixin` adds BA-LoRA to any ``transformers.Trainer`` subclass by overriding as little as
 possible: ``compute_loss`` (adds the regularizer to the host's loss, scaled like it), ``log`` (merges the
 ``balora/...`` metrics into the logs every ``report_to`` backend sees), ``_save`` (writes the BA-LoRA config and
-the initial adapter beside every checkpoint), ``save_model`` (a final save — not a checkpoint — becomes the
-artefact users serve: :meth:`~BALoRATrainerMixin._balora_write_artefacts`), ``create_model_card`` (adds BA-LoRA's
-section and tags to the host's card) and ``_load_from_checkpoint`` (restores the reference on resume).
+the initial adapter beside every save), ``save_model`` (every save — the final one and each ``checkpoint-N/`` —
+becomes the artefact users serve: :meth:`~BALoRATrainerMixin._balora_write_artefacts`), ``create_model_card``
+(adds BA-LoRA's section and tags to the host's card), ``push_to_hub`` / ``_push_from_checkpoint`` (what goes up),
+and ``_load_from_checkpoint`` / ``_load_best_model`` (load the trainable form from ``balora_resume/`` and restore
+the reference on resume).
 
 The TRL trainer and the axolotl trainer inherit it; the callback mixes it into an existing trainer instance.
 """
@@ -21,16 +23,18 @@ from typing import Any
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import BALoRAConfig
+from .config import CONFIG_NAME, BALoRAConfig
 from .core import distributed
-from .core.card import TAGS, update_model_card
+from .core.card import CARD_NAME, TAGS, update_model_card
 from .core.export import (
     ADAPTER_CONFIG,
     APPROXIMATE_REASON,
+    HELD_RESUME_DIR,
     INITIAL_DIR,
-    export_plain_lora,
+    RESUME_DIR,
     find_initial_adapter,
     load_initial_adapter,
+    name_base_model,
     resume_adapter_dir,
     save_initial_adapter,
     write_servable_layout,
@@ -40,6 +44,7 @@ from .core.reference import (
     REF_ADAPTER,
     adapter_state,
     init_is_approximate,
+    init_rewrites_base,
     lora_init,
     restore_residual_base,
     unwrap,
@@ -48,6 +53,11 @@ from .core.reference import (
 logger = logging.getLogger(__name__)
 
 _SAVED_KEYS = ("labels", "position_ids", "shift_labels")
+FSDP_STATE_PREFIX = (
+    "pytorch_model_fsdp"  # transformers' FSDP_MODEL_NAME: the model state FSDP checkpoints hold
+)
+# push_to_hub uploads args.output_dir except "_*": balora_resume/ waits here unless it is meant to go up
+RESUME_HUB_STRATEGIES = ("checkpoint", "all_checkpoints")
 
 
 class BALoRATrainerMixin:
@@ -177,17 +187,10 @@ class BALoRATrainerMixin:
                 peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER, state=gathered
             )
 
-    def _save_checkpoint(self, model, trial, *args: Any, **kwargs: Any):
-        # A checkpoint keeps the trainable form at its root (resume loads it there): save_model must not convert it.
-        self._balora_in_checkpoint = True
-        try:
-            return super()._save_checkpoint(model, trial, *args, **kwargs)
-        finally:
-            self._balora_in_checkpoint = False
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        # Every save outside a checkpoint is a final one and ends with the artefact — also the one push_to_hub
-        # makes (save_model(_internal_call=True)) before it uploads args.output_dir.
+        # Every save ends with the artefact users serve — the final one, each checkpoint-N/ (Trainer._save_checkpoint
+        # saves through here before it writes the optimizer, scheduler, RNG and engine state beside it) and the one
+        # push_to_hub makes (save_model(_internal_call=True)) before it uploads args.output_dir.
         # Every rank calls save_model, the main process alone calls _save (transformers 5.16) and the engine's own
         # saving gathers parameters module by module: the snapshot is gathered here, before it (ZeRO-3, FSDP).
         self._balora_ref_state = self._balora_full_reference()
@@ -196,38 +199,60 @@ class BALoRATrainerMixin:
                 super().save_model(output_dir, _internal_call=_internal_call)
         finally:
             self._balora_ref_state = None
-        if not getattr(self, "_balora_in_checkpoint", False):
-            self._balora_write_artefacts(output_dir if output_dir is not None else self.args.output_dir)
+        self._balora_write_artefacts(output_dir if output_dir is not None else self.args.output_dir)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # With hub_strategy="every_save" (the default) the Trainer copies each checkpoint's adapter files into
-        # output_dir and uploads that: give it the servable adapter of the checkpoint instead, from a folder the
-        # upload ignores ("_*"). The "checkpoint" strategies also upload the checkpoint itself, which must stay
-        # trainable: they push the checkpoint as it is.
-        peft_model = unwrap(self.model)
-        init = peft_model.peft_config[self.balora.adapter_name].init_lora_weights
-        if (
-            self.args.hub_strategy != "every_save"
-            or not self.balora.rewrites_base
-            or init_is_approximate(init)
-        ):
-            return super()._push_from_checkpoint(checkpoint_folder)
-        staging = os.path.join(self.args.output_dir, "_balora_push")
-        if self.is_world_process_zero():
-            export_plain_lora(checkpoint_folder, staging, overwrite=True)
+        # hub_strategy "every_save" / "checkpoint" / "all_checkpoints" push args.output_dir at every checkpoint, after
+        # the Trainer copies the checkpoint's adapter files into it — the servable root now. The checkpoint's card
+        # and balora_config.json go with them (when the Trainer pushes: not with "end", nor while an earlier push is
+        # still uploading), so every push shows the card of what it uploads; the "checkpoint" strategies upload the
+        # checkpoint folder itself as well, balora_resume/ included (README, "The Hub").
+        busy = (
+            not self.args.hub_always_push
+            and self.push_in_progress is not None
+            and not self.push_in_progress.is_done()
+        )
+        strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
+        if self.is_world_process_zero() and strategy != "end" and not busy:
+            for name in (CARD_NAME, CONFIG_NAME):
+                src = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(src):
+                    shutil.copy(src, os.path.join(self.args.output_dir, name))
+        return super()._push_from_checkpoint(checkpoint_folder)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any):
+        """``Trainer.push_to_hub``, uploading ``balora_resume/`` only where the user pushes to resume.
+
+        The servable root and its card always go up; the trainable form in ``balora_resume/`` only with
+        ``hub_strategy`` ``"checkpoint"`` / ``"all_checkpoints"`` or ``hub_push_resume=True`` (README, "The Hub").
+        Otherwise it waits in ``_balora_resume.hold`` (``"_*"`` is what the Trainer's upload skips) until the upload
+        has finished — also with ``blocking=False``, which then waits for it.
+        """
+        strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
+        keep = self.balora.config.hub_push_resume or strategy in RESUME_HUB_STRATEGIES
+        self._balora_hold_resume = not keep
         try:
-            return super()._push_from_checkpoint(staging)  # copies from it synchronously, uploads output_dir
+            result = super().push_to_hub(*args, **kwargs)
+            if not keep and hasattr(result, "result"):
+                result.result()  # a Future (blocking=False): the held folder goes back once it is uploaded
+            return result
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self._balora_hold_resume = False
+            hold = os.path.join(self.args.output_dir, HELD_RESUME_DIR)
+            if self.args.should_save and os.path.isdir(hold):
+                os.replace(hold, os.path.join(self.args.output_dir, RESUME_DIR))
+                self._balora_update_card(self.args.output_dir)  # the local card: balora_resume/ is here again
 
     def _balora_write_artefacts(self, output_dir: str) -> None:
-        """Make the final save in ``output_dir`` the artefact users serve (README "What you get after training").
+        """Give ``output_dir`` — a final save or a ``checkpoint-N/`` — the layout users serve (README "What you get
+        after training").
 
         The one place that does it, called after the host has saved the model there (by :meth:`save_model`, the
         callback and the axolotl plugin): ``balora_config.json``; for PiSSA-like inits the plain-LoRA adapter that
         serves on the untouched base at the root and the trainable form in ``balora_resume/``
-        (:func:`~balora_plugins.core.export.write_servable_layout`); BA-LoRA's section and tags in the model card.
-        File operations on the main process only (no collectives), idempotent.
+        (:func:`~balora_plugins.core.export.write_servable_layout`); the root's ``base_model_name_or_path`` naming the
+        model it serves on (:meth:`_balora_served_base`); BA-LoRA's section, tags and PEFT's metadata in the model
+        card. File operations on the main process only (no collectives), idempotent.
         """
         if not self.args.should_save:
             return
@@ -245,8 +270,36 @@ class BALoRATrainerMixin:
                 output_dir,
                 resume,
             )
+        base, residual = self._balora_served_base()
+        if base is not None or residual is not None:
+            name_base_model(output_dir, base)
         if os.path.isfile(os.path.join(output_dir, ADAPTER_CONFIG)):
             self._balora_update_card(output_dir)
+        if getattr(self, "_balora_hold_resume", False) and os.path.isdir(
+            os.path.join(output_dir, RESUME_DIR)
+        ):
+            os.replace(os.path.join(output_dir, RESUME_DIR), os.path.join(output_dir, HELD_RESUME_DIR))
+
+    def _balora_served_base(self) -> tuple[str | None, str | None]:
+        """(the pre-trained model the saved root serves on, None when unknown; the residual base training loaded, or
+        None when training loaded the pre-trained model itself).
+
+        ``served_base`` when set. A pre-initialised PiSSA pair (its config says a plain init, its base was rewritten
+        before training) was loaded on its residual: the adapter's own ``base_model_name_or_path`` names the
+        original model when it differs from the residual (PEFT's recipe saves the pair from a model loaded by name),
+        else the original is unknown. Otherwise (None, None): PEFT's name of the loaded model stays.
+        """
+        peft_model = unwrap(self.model)
+        name = self.balora.adapter_name
+        residual = None
+        if self.balora.rewrites_base and not init_rewrites_base(lora_init(peft_model, name)):
+            residual = getattr(peft_model.get_base_model(), "name_or_path", None) or None
+            residual = residual or "the residual model"
+        base = self.balora.config.served_base
+        if base is None and residual is not None:
+            declared = peft_model.peft_config[name].base_model_name_or_path or None
+            base = declared if declared != residual else None
+        return base, residual
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The host's card (TRL: its template; transformers / axolotl: TrainingSummary), then BA-LoRA's section."""
@@ -258,7 +311,22 @@ class BALoRATrainerMixin:
         # The host's own tags: TRL's `_tag_names`, axolotl's `tag_names` (both reach the card only on some paths).
         host_tags = [*getattr(self, "_tag_names", ()), *getattr(self, "tag_names", ())]
         repo_id = getattr(self, "hub_model_id", None) or getattr(self.args, "hub_model_id", None)
-        update_model_card(directory, self.balora.config, tags=host_tags, repo_id=repo_id)
+        _, residual = self._balora_served_base()
+        engine: tuple[str, ...] = ()
+        if os.path.basename(os.path.normpath(directory)).startswith("checkpoint-"):
+            # written after the adapter, by _save_checkpoint: the card names them now
+            if getattr(self, "is_deepspeed_enabled", False):
+                engine = (f"global_step{self.state.global_step}",)
+            elif getattr(self, "is_fsdp_enabled", False):
+                engine = ("pytorch_model_fsdp*",)
+        update_model_card(
+            directory,
+            self.balora.config,
+            tags=host_tags,
+            repo_id=repo_id,
+            residual=residual,
+            engine_files=engine,
+        )
 
     def _balora_full_reference(self) -> dict[str, torch.Tensor] | None:
         """The snapshot adapter's full weights when an engine shards them (a collective: every rank), else None."""
@@ -267,19 +335,33 @@ class BALoRATrainerMixin:
         return distributed.full_adapter_state(unwrap(self.model), REF_ADAPTER, wrapped=self.model_wrapped)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        # The final output of a run holds the trainable form in balora_resume/ (its root: the converted plain LoRA).
-        resume_from_checkpoint = resume_adapter_dir(resume_from_checkpoint)
+        # A checkpoint (and a final output) holds the trainable form in balora_resume/, its root the converted plain
+        # LoRA; an FSDP checkpoint's model shards (the trainable form as well) stay at the root, where the host reads
+        # them. Optimizer, scheduler, RNG and trainer state are read by the host from the root, as it wrote them.
+        trainable = resume_adapter_dir(resume_from_checkpoint)
         model = model if model is not None else self.model
         # this process's own initial adapter, before the checkpoint's replaces it (transformers 5.24 loads balora_ref/)
         fresh = self._balora_own_initial(model)
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        if os.path.isfile(os.path.join(resume_from_checkpoint, "adapter_model.safetensors")):
+        super()._load_from_checkpoint(host_state_dir(resume_from_checkpoint, trainable), model=model)
+        if os.path.isfile(os.path.join(trainable, "adapter_model.safetensors")):
             # transformers 5.16 (axolotl 0.19's pin), seeing adapter sub-folders (our balora_ref/), loads only those
-            # and silently keeps the fresh trained adapter; 5.24 loads both. Reload it (a no-op where it was loaded).
-            load_initial_adapter(
-                unwrap(model), resume_from_checkpoint, self.balora.adapter_name, wrapped=model
-            )
-        self._balora_restore_reference(resume_from_checkpoint, model, fresh)
+            # and silently keeps the fresh trained adapter; 5.24 loads both; FSDP loads the model shards. Reload it
+            # (a no-op where it was loaded).
+            load_initial_adapter(unwrap(model), trainable, self.balora.adapter_name, wrapped=model)
+        self._balora_restore_reference(trainable, model, fresh)
+
+    def _load_best_model(self) -> None:
+        # load_best_model_at_end: the host loads the adapter from the best checkpoint's root, now the rank-2r plain
+        # LoRA; the trained form it must load is in balora_resume/ (engines read their own state at the root).
+        best = self.state.best_model_checkpoint
+        trainable = resume_adapter_dir(best) if best else best
+        if getattr(self, "is_deepspeed_enabled", False) or host_state_dir(best, trainable) == best:
+            return super()._load_best_model()
+        self.state.best_model_checkpoint = trainable
+        try:
+            super()._load_best_model()
+        finally:
+            self.state.best_model_checkpoint = best
 
     def _balora_own_initial(self, model) -> dict[str, torch.Tensor] | None:
         """This process's initial adapter when it holds it whole (None without a snapshot or when it is sharded)."""
@@ -368,6 +450,15 @@ def host_loss_scaling(trainer: Any, num_items_in_batch: Any) -> LossScaling:
     return LossScaling(
         num_items_in_batch=n, world_factor=world, ga_steps=int(ga), host_divides_by_ga=not scaled
     )
+
+
+def host_state_dir(checkpoint: str, trainable: str) -> str:
+    """Where the host loads a checkpoint's model from: its root when an engine wrote its own model state there (FSDP's
+    ``pytorch_model_fsdp*``: the trainable form), else ``trainable`` (the folder with the trainable adapter)."""
+    if checkpoint and os.path.isdir(checkpoint):
+        if any(name.startswith(FSDP_STATE_PREFIX) for name in os.listdir(checkpoint)):
+            return checkpoint
+    return trainable
 
 
 def earlier_balora_checkpoints(output_dir: str) -> list[str]:

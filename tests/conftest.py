@@ -102,6 +102,13 @@ def tiny_tokenizer(vocab: int = VOCAB):
     return fast
 
 
+def pretrained(path: str):
+    """A saved causal LM loaded from ``path`` (for :func:`plain_peft_logits` jobs on a base saved to disk)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
 def tiny_bert_classifier(seed: int = 0, num_labels: int = 4):
     from transformers import BertConfig, BertForSequenceClassification
 

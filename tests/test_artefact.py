@@ -163,12 +163,14 @@ def test_separate_reference_model_still_gives_the_servable_output(tmp_path):
     torch.testing.assert_close(_logits(served), _logits(trainer.model), rtol=1e-4, atol=1e-5)
 
 
-def test_checkpoints_keep_the_trainable_form(tmp_path):
+def test_checkpoints_have_the_final_outputs_layout(tmp_path):
+    """A checkpoint is served like the final output (tests/test_checkpoints.py checks the logits)."""
     trainer = _trainer(tmp_path, lora(tiny_llama(), init="pissa"), NLG, save_strategy="steps", save_steps=1)
     trainer.train()
     ckpt = tmp_path / "checkpoint-2"
-    assert json.loads((ckpt / ADAPTER_CONFIG).read_text())["init_lora_weights"] == "pissa"
-    assert (ckpt / INITIAL_DIR / ADAPTER_CONFIG).is_file() and not (ckpt / RESUME_DIR).exists()
+    assert json.loads((ckpt / ADAPTER_CONFIG).read_text())["init_lora_weights"] is True
+    assert json.loads((ckpt / RESUME_DIR / ADAPTER_CONFIG).read_text())["init_lora_weights"] == "pissa"
+    assert (ckpt / RESUME_DIR / INITIAL_DIR / ADAPTER_CONFIG).is_file() and not (ckpt / INITIAL_DIR).exists()
 
 
 def test_push_to_hub_uploads_the_servable_root_with_its_card(tmp_path, monkeypatch):
@@ -190,13 +192,9 @@ def test_push_to_hub_uploads_the_servable_root_with_its_card(tmp_path, monkeypat
     (up,) = hub.uploads
     assert up["folder"] == str(tmp_path / "run") and up["repo_id"] == "me/tiny-balora"
     assert up["adapter_config"]["init_lora_weights"] is True and up["adapter_config"]["r"] == 8
-    for f in (
-        "adapter_model.safetensors",
-        "balora_config.json",
-        "README.md",
-        f"{RESUME_DIR}/{ADAPTER_CONFIG}",
-    ):
+    for f in ("adapter_model.safetensors", "balora_config.json", "README.md"):
         assert f in up["files"], f
+    assert not any(f.startswith(RESUME_DIR) for f in up["files"])  # hub_strategy every_save: not to resume
     assert not any(f.startswith(("checkpoint-", "_")) for f in up["files"])
     card = ModelCard(up["card"])
     assert {"ba-lora", "peft"} <= set(card.data.tags)
@@ -206,7 +204,7 @@ def test_push_to_hub_uploads_the_servable_root_with_its_card(tmp_path, monkeypat
     assert "| λ1 consistency (KL to the pre-trained model, T = 2) | 0.025, cosine decay to 0.1·λ1 |" in text
     assert "| λ3 SVD (top-10 share of the output spectrum, frobenius norm) | 0.01" in text
     assert 'PeftModel.from_pretrained(base, "me/tiny-balora")' in text
-    assert f"`{RESUME_DIR}/`" in text and "never for serving" in text
+    assert f"`{RESUME_DIR}/`" in text and "never for serving" in text and "is not uploaded" in text
     # the README's table names everything the run left in output_dir, and everything it names is there
     listed = readme_output_table()
     for entry in os.listdir(tmp_path / "run"):
@@ -247,7 +245,8 @@ def test_pushes_during_training_upload_the_servable_adapter(tmp_path, monkeypatc
         assert not any(f.startswith(("_", "checkpoint-")) for f in up["files"])
     assert not (tmp_path / "_balora_push").exists()
     assert (
-        json.loads((tmp_path / "checkpoint-2" / ADAPTER_CONFIG).read_text())["init_lora_weights"] == "pissa"
+        json.loads((tmp_path / "checkpoint-2" / RESUME_DIR / ADAPTER_CONFIG).read_text())["init_lora_weights"]
+        == "pissa"
     )
 
 
@@ -265,7 +264,7 @@ def test_card_update_is_idempotent_and_keeps_the_hosts_card(tmp_path):
     update_model_card(str(tmp_path), NLG, tags=["trl"])
     assert (tmp_path / "README.md").read_text() == once and once.count(BEGIN) == 1
     card = ModelCard.load(tmp_path / "README.md")
-    assert set(card.data.tags) == {"mine", "trl", "ba-lora", "peft"}
+    assert set(card.data.tags) == {"mine", "trl", "ba-lora", "peft", "lora"}  # lora: PEFT's tag
     text = card.text
     assert text.index("Intro.") < text.index(BEGIN) < text.index("## Training")  # before the host's sections
     assert "This folder is a LoRA adapter for the base model" in text and RESUME_DIR not in text

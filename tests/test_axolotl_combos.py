@@ -18,7 +18,7 @@ pytestmark = pytest.mark.axolotl
 pytest.importorskip("axolotl")
 
 from axolotl.integrations.base import PluginManager  # noqa: E402
-from conftest import batch, lora, tiny_llama  # noqa: E402
+from conftest import batch, lora, plain_peft_logits, tiny_llama  # noqa: E402
 from test_axolotl import validate  # noqa: E402  (the tiny config through axolotl's validation)
 
 from balora_plugins.axolotl.args import PLUGIN, balora_config_from_cfg  # noqa: E402
@@ -29,19 +29,24 @@ LIGER = "axolotl.integrations.liger.LigerPlugin"
 CCE = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 
 
-def run_tiny(workdir: Path, *overrides: str, hidden: int = 32) -> dict:
-    """``integrations/axolotl/run_tiny.py`` (``axolotl train --launcher python`` on a tiny random Llama) with
-    ``--set`` overrides; it checks the metrics, the step-1 consistency (0: the model is its reference), the
-    saved artefacts and, for PiSSA, the plain-LoRA export against an independent reconstruction."""
+def run_tiny_module():
+    """``integrations/axolotl/run_tiny.py`` as a module."""
     spec = importlib.util.spec_from_file_location(
         "run_tiny", ROOT / "integrations" / "axolotl" / "run_tiny.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_tiny(workdir: Path, *overrides: str, hidden: int = 32) -> dict:
+    """``integrations/axolotl/run_tiny.py`` (``axolotl train --launcher python`` on a tiny random Llama) with
+    ``--set`` overrides; it checks the metrics, the step-1 consistency (0: the model is its reference), the
+    saved artefacts and, for PiSSA, the plain-LoRA export against an independent reconstruction."""
     args = ["--workdir", str(workdir), "--hidden", str(hidden)]
     for item in overrides:
         args += ["--set", item]
-    return module.main(args)
+    return run_tiny_module().main(args)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -73,6 +78,46 @@ def test_pissa_with_multipack_dora_lora_kernels_and_gradient_checkpointing_end_t
     assert trained["use_dora"] is True and trained["init_lora_weights"] == "pissa"
     served = json.loads((out / "adapter_config.json").read_text())  # the root: DoRA as plain-init LoRA
     assert served["use_dora"] is True and served["init_lora_weights"] is True
+
+
+@pytest.mark.slow
+def test_checkpoints_serve_on_the_untouched_base_and_resume_exactly(tmp_path):
+    """`axolotl train` with save_steps=2: checkpoint-2 and checkpoint-4 roots, loaded with plain PEFT on the
+    untouched base, equal `balora export` of their balora_resume/; `resume_from_checkpoint: checkpoint-2` trains
+    steps 3-4 to the same losses as the uninterrupted run."""
+    from balora_plugins.core.export import export_plain_lora
+
+    module = run_tiny_module()
+    settings = {"save_strategy": "steps", "save_steps": 2}
+    module.main(
+        ["--workdir", str(tmp_path), *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))]
+    )
+    full = {
+        i + 1: float(s["loss"])
+        for i, s in enumerate(module.logged_metrics((tmp_path / "axolotl.log").read_text()))
+    }
+    out = tmp_path / "outputs" / "tiny-balora"
+    ids = torch.randint(4, 40, (2, 16), generator=torch.Generator().manual_seed(1)).tolist()
+    base = {"base": "pretrained", "base_kwargs": {"path": str(tmp_path / "tiny-llama")}, "input_ids": ids}
+    jobs = []
+    for step in (2, 4):
+        ckpt = out / f"checkpoint-{step}"
+        root = json.loads((ckpt / "adapter_config.json").read_text())
+        trained = json.loads((ckpt / "balora_resume" / "adapter_config.json").read_text())
+        assert root["init_lora_weights"] is True and trained["init_lora_weights"] == "pissa"
+        assert root["r"] == 2 * trained["r"] and (ckpt / "balora_resume" / "balora_ref").is_dir()
+        exported = export_plain_lora(str(ckpt / "balora_resume"), str(tmp_path / f"export-{step}"))
+        jobs += [{"adapter": str(ckpt), **base}, {"adapter": exported, **base}]
+    served = plain_peft_logits(jobs, tmp_path / "logits")
+    for i in (0, 2):
+        torch.testing.assert_close(served[i], served[i + 1], rtol=0, atol=1e-5)
+    assert (
+        served[0] - served[2]
+    ).abs().max() > 1e-4  # the two checkpoints differ: the comparison is not vacuous
+
+    module.preflight(tmp_path, {**settings, "resume_from_checkpoint": "./outputs/tiny-balora/checkpoint-2"})
+    resumed = module.logged_metrics(module.run_axolotl(tmp_path))
+    assert [float(s["loss"]) for s in resumed] == pytest.approx([full[3], full[4]], rel=1e-3)
 
 
 @pytest.mark.slow

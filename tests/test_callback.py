@@ -321,7 +321,9 @@ def test_resume_restores_reference_and_schedule(tmp_path):
 
     train("nlg", tmp_path / "cut", cfg, callbacks=[StopAt(2)], **kw)
     ckpt = tmp_path / "cut" / "checkpoint-2"
-    assert (ckpt / "balora_config.json").is_file() and (ckpt / "balora_ref" / "adapter_config.json").is_file()
+    assert (ckpt / "balora_config.json").is_file() and (
+        ckpt / "balora_resume" / "balora_ref" / "adapter_config.json"
+    ).is_file()
 
     model = nlg_model()
     torch.manual_seed(5)

@@ -135,7 +135,11 @@ def test_zero3_trl_killed_and_resumed_ends_where_one_process_ends(one_process, t
     ).exists()  # DeepSpeed's own checkpoint, killed
     from safetensors.torch import load_file
 
-    ref = load_file(ckpt / "balora_ref" / "adapter_model.safetensors")  # gathered from the partitions
+    card = (ckpt / "README.md").read_text()  # the engine's own files are named as not servable
+    assert "`global_step2`: the training engine's own resume state" in card
+    ref = load_file(
+        ckpt / "balora_resume" / "balora_ref" / "adapter_model.safetensors"
+    )  # gathered from the partitions
     for k, v in one_process[FILES[1]].items():
         torch.testing.assert_close(ref[k], v, rtol=0, atol=0)
     result = run(out, "--engine", "zero3", "--door", "trl", "--save-steps", "2", "--resume")
@@ -155,8 +159,9 @@ def test_fsdp2_trl_killed_and_resumed_ends_where_one_process_ends(one_process, t
     run(out, "--engine", "fsdp2", "--door", "trl", "--save-steps", "2", "--kill-after", "2")
     ckpt = out / "checkpoint-2"
     assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (
-        ckpt / "balora_ref" / "adapter_config.json"
+        ckpt / "balora_resume" / "balora_ref" / "adapter_config.json"
     ).is_file()
+    assert "`pytorch_model_fsdp*`: the training engine's own resume state" in (ckpt / "README.md").read_text()
     result = run(out, "--engine", "fsdp2", "--door", "trl", "--save-steps", "2", "--resume")
     check_facts(result["facts"], engine="fsdp2")
     assert_resumed(result["logs"], one_process)

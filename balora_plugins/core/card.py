@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from ..config import PRESETS, BALoRAConfig
+from .export import read_adapter_config
 
 CITATION_KEY = "chang2026balora"
 CITATION = f"""@inproceedings{{{CITATION_KEY},
@@ -34,9 +35,15 @@ TAGS = ("ba-lora", "peft")
 BEGIN = "<!-- balora-plugins:begin -->"
 END = "<!-- balora-plugins:end -->"
 CARD_NAME = "README.md"
-# Fields that do not change what is optimised (how the terms are computed, how a run treats its output_dir): left
-# out of the card's preset comparison.
-_EXECUTION_FIELDS = ("chunk_size", "on_nonfinite", "overwrite_output_dir")
+BASE_TAG_PREFIX = (
+    "base_model:"  # PEFT's "base_model:adapter:<id>"; the Hub's other base_model:* relations alike
+)
+# Files a training engine writes into a checkpoint beside the adapter: DeepSpeed's global_step*/ (and its latest,
+# zero_to_fp32.py), FSDP's pytorch_model_fsdp*; they hold the trainable (residual-base) form.
+ENGINE_STATE_PREFIXES = ("global_step", "pytorch_model_fsdp", "zero_to_fp32")
+# Fields that change how the terms are computed, how the output is labelled and uploaded, or how a run treats its
+# output_dir, not what is optimised: left out of the card's preset comparison.
+_EXECUTION_FIELDS = ("chunk_size", "on_nonfinite", "served_base", "hub_push_resume", "overwrite_output_dir")
 
 
 def nearest_preset(config: BALoRAConfig) -> tuple[str, dict[str, Any]]:
@@ -87,17 +94,40 @@ def _settings_rows(config: BALoRAConfig) -> list[str]:
     ]
 
 
+def served_rank(adapter_config: dict) -> int:
+    """The largest LoRA rank of an adapter (its ``r`` and ``rank_pattern``): what a server must allow."""
+    return max(
+        [int(adapter_config.get("r") or 0), *map(int, (adapter_config.get("rank_pattern") or {}).values())]
+    )
+
+
 def card_section(
-    config: BALoRAConfig, directory: str, *, repo_id: str | None = None, with_citation: bool = True
+    config: BALoRAConfig,
+    directory: str,
+    *,
+    repo_id: str | None = None,
+    with_citation: bool = True,
+    residual: str | None = None,
+    engine_files: tuple[str, ...] = (),
 ) -> str:
-    """The BA-LoRA section of the card of the adapter saved in ``directory`` (Markdown, between the markers)."""
+    """The BA-LoRA section of the card of the adapter saved in ``directory`` (Markdown, between the markers).
+
+    ``engine_files``: names of the training engine's own files the host writes into ``directory`` after the card
+    (a checkpoint's ``global_step*/``), listed with those already there as not servable.
+
+    ``residual``: the residual base training loaded (a pre-initialised PiSSA pair), which the card must name as the
+    model this adapter does *not* serve on when the adapter's config names no base.
+    """
     from .. import __version__
-    from .export import RESUME_DIR, _num_labels, _read_config
+    from .export import HELD_RESUME_DIR, RESUME_DIR, _num_labels, _read_config
 
     root = _read_config(directory) or {}
     resume = _read_config(os.path.join(directory, RESUME_DIR))
+    held = resume is None and _read_config(os.path.join(directory, HELD_RESUME_DIR)) is not None
+    resume = resume or _read_config(os.path.join(directory, HELD_RESUME_DIR))
     trained = resume or root
-    base = root.get("base_model_name_or_path") or "BASE_MODEL"
+    unknown = not root.get("base_model_name_or_path")
+    base = root.get("base_model_name_or_path") or ("ORIGINAL_BASE_MODEL" if residual else "BASE_MODEL")
     where = repo_id or "path/to/this/folder"
     init = trained.get("init_lora_weights", True)
     rank = f"rank {trained.get('r', '?')}"
@@ -125,6 +155,20 @@ def card_section(
         ]
     else:
         lines += [f"This folder is a LoRA adapter for the base model `{base}`; it needs nothing but PEFT:"]
+    if residual and unknown:
+        lines += [
+            "",
+            f"**Which base:** training loaded the residual model `{residual}` (a pre-initialised PiSSA pair, "
+            "W_res = W − s·B₀A₀); this adapter serves on the *original* pre-trained model W that residual was "
+            f"computed from, **not** on `{residual}` (loaded there it gives a different model). The trainer was not "
+            "told which model that is: set `served_base` (`balora_served_base`) to record it here.",
+        ]
+    elif residual:
+        lines += [
+            "",
+            f"**Which base:** `{base}`, the original pre-trained model — not the residual model `{residual}` "
+            "training loaded (a pre-initialised PiSSA pair, W_res = W − s·B₀A₀).",
+        ]
     if root.get("task_type") == "SEQ_CLS":
         try:
             labels = f", num_labels={_num_labels(directory)}"
@@ -145,13 +189,34 @@ def card_section(
         "",
         "`axolotl merge-lora`, vLLM (`--lora-modules`), lm-eval (`--model_args ...,peft=...`) and "
         "`balora export --merge` take this folder as it is.",
+        f"Serving needs LoRA rank {served_rank(root)}: vLLM `--enable-lora --max-lora-rank N` with N ≥ "
+        f"{served_rank(root)}.",
     ]
+    globs = tuple(n.rstrip("*") for n in engine_files if n.endswith("*"))
+    found = [
+        n
+        for n in _listdir(directory)
+        if n.startswith(ENGINE_STATE_PREFIXES) and not (globs and n.startswith(globs))
+    ]
+    engine = sorted({*engine_files, *found})
+    if engine:
+        lines += [
+            "",
+            f"{', '.join(f'`{n}`' for n in engine)}: the training engine's own resume state (the trainable form "
+            "on the residual base, for `resume_from_checkpoint`); not an adapter, never for serving.",
+        ]
     if resume is not None:
         lines += [
             "",
             f"`{RESUME_DIR}/` holds the adapter as trained ({rank}, correct only on the residual base W_res it "
             "was trained against) with its step-0 copy `balora_ref/`: for continued training "
-            "(`trainer.train(resume_from_checkpoint=...)` on this folder), never for serving.",
+            "(`trainer.train(resume_from_checkpoint=...)` on this folder), never for serving."
+            + (
+                " It stays in the training output and is not uploaded (`hub_push_resume=True` or `hub_strategy` "
+                "`checkpoint` / `all_checkpoints` upload it)."
+                if held
+                else ""
+            ),
         ]
     if with_citation:
         lines += ["", "### Citation", "", "```bibtex", CITATION, "```"]
@@ -165,18 +230,30 @@ def update_model_card(
     *,
     tags: tuple[str, ...] | list[str] = (),
     repo_id: str | None = None,
+    residual: str | None = None,
+    engine_files: tuple[str, ...] = (),
 ) -> str:
     """Add BA-LoRA's tags (:data:`TAGS` and ``tags``) and section to ``directory/README.md``; returns its path.
 
     Replaces the section an earlier call wrote; places it before the card's first ``## `` heading (or at the end);
-    cites the paper unless the host's card already does (TRL's, through ``_paper``).
+    cites the paper unless the host's card already does (TRL's, through ``_paper``). The front matter gets PEFT's
+    metadata back whatever card the host wrote last (TRL's ``create_model_card`` on ``push_to_hub`` rewrites it as
+    ``library_name: transformers`` without ``base_model``): ``library_name: peft``, ``base_model`` and the tags
+    ``lora`` and ``base_model:adapter:<base>`` naming the model the adapter serves on (:func:`card_metadata`).
     """
     from huggingface_hub import ModelCard
 
     path = os.path.join(directory, CARD_NAME)
     card = ModelCard.load(path) if os.path.isfile(path) else ModelCard("---\nlibrary_name: peft\n---\n")
     text = _without_section(card.text)
-    section = card_section(config, directory, repo_id=repo_id, with_citation=CITATION_KEY not in text)
+    section = card_section(
+        config,
+        directory,
+        repo_id=repo_id,
+        with_citation=CITATION_KEY not in text,
+        residual=residual,
+        engine_files=engine_files,
+    )
     lines = text.split("\n")
     at = next((i for i, line in enumerate(lines) if line.startswith("## ")), None)
     if at is None:
@@ -184,9 +261,34 @@ def update_model_card(
     else:
         text = "\n".join(lines[:at]).rstrip("\n") + "\n\n" + section + "\n\n" + "\n".join(lines[at:])
     card.text = text.lstrip("\n")
-    card.data.tags = sorted({*(card.data.tags or []), *TAGS, *tags})
+    base, peft_tags = card_metadata(directory)
+    kept = {t for t in (card.data.tags or []) if not t.startswith(BASE_TAG_PREFIX)}
+    card.data.tags = sorted({*kept, *TAGS, *tags, *peft_tags})
+    card.data.library_name = "peft"
+    card.data.base_model = base
     card.save(path)
     return path
+
+
+def card_metadata(directory: str) -> tuple[str | None, list[str]]:
+    """The card's ``base_model`` and PEFT's tags for the adapter saved in ``directory``.
+
+    ``base_model`` is the adapter's ``base_model_name_or_path`` when it is a hub id; a local directory is left out
+    (the Hub accepts model ids only, TRL's rule) and so is an empty one (a pre-initialised pair whose original model
+    was not given: never the residual). Tags: ``lora`` and ``base_model:adapter:<base>``, as PEFT writes them.
+    """
+    root = read_adapter_config(directory) or {}
+    base = root.get("base_model_name_or_path") or None
+    if base is not None and os.path.isdir(base):
+        base = None
+    tags = ["lora"] if str(root.get("peft_type", "LORA")).upper() == "LORA" else []
+    if base is not None:
+        tags.append(f"{BASE_TAG_PREFIX}adapter:{base}")
+    return base, tags
+
+
+def _listdir(directory: str) -> list[str]:
+    return os.listdir(directory) if os.path.isdir(directory) else []
 
 
 def _without_section(text: str) -> str:
@@ -196,4 +298,13 @@ def _without_section(text: str) -> str:
     return text[:start].rstrip("\n") + "\n\n" + text[end + len(END) :].lstrip("\n")
 
 
-__all__ = ["CITATION", "PAPER", "TAGS", "card_section", "nearest_preset", "update_model_card"]
+__all__ = [
+    "CITATION",
+    "PAPER",
+    "TAGS",
+    "card_metadata",
+    "card_section",
+    "nearest_preset",
+    "served_rank",
+    "update_model_card",
+]

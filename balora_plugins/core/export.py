@@ -8,9 +8,9 @@ computed on state dicts, so it needs no base model in memory.
 
 The final output of a BA-LoRA run (README "What you get after training") holds that plain adapter at its root,
 where every tool looks (PEFT, ``axolotl merge-lora``, vLLM, lm-eval, the Hub), and the residual-base form with its
-step-0 adapter in :data:`RESUME_DIR` for continued training (:func:`write_servable_layout`). Checkpoints keep the
-residual-base form at their root. Every reader here accepts both layouts, and 0.1.0's (residual-base form at the
-root, ``plain_lora/`` beside it).
+step-0 adapter in :data:`RESUME_DIR` for continued training (:func:`write_servable_layout`); so does every
+``checkpoint-N/`` since 0.3 (before, checkpoints held the residual-base form at their root). Every reader here
+accepts both layouts, and 0.1.0's (residual-base form at the root, ``plain_lora/`` beside it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 INITIAL_DIR = REF_ADAPTER  # PEFT saves the snapshot adapter in this sub-folder too
 # In a final output: the residual-base adapter, its INITIAL_DIR and balora_config.json, for continued training.
 RESUME_DIR = "balora_resume"
+# Where push_to_hub keeps balora_resume/ while it uploads without it ("_*": what the Trainer's upload skips).
+HELD_RESUME_DIR = f"_{RESUME_DIR}.hold"
 _ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin")
 MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 APPROXIMATE_REASON = (
@@ -55,6 +57,11 @@ def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if os.path.isfile(legacy):
         return cfg, torch.load(legacy, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{directory!r} holds no {ADAPTER_WEIGHTS}.")
+
+
+def read_adapter_config(directory: str) -> dict | None:
+    """The ``adapter_config.json`` of ``directory`` as a dict, or None when there is none."""
+    return _read_config(directory)
 
 
 def _read_config(directory: str) -> dict | None:
@@ -242,6 +249,20 @@ def write_servable_layout(output_dir: str) -> str | None:
     return resume
 
 
+def name_base_model(directory: str, base: str | None) -> None:
+    """Write ``base`` as the ``base_model_name_or_path`` of the adapter saved in ``directory`` (None: no base named).
+
+    The root of a BA-LoRA output serves on the untouched pre-trained model; PEFT writes the name of the model that
+    training loaded, which for a pre-initialised PiSSA pair is its residual base — not a model this adapter serves on.
+    """
+    cfg = _read_config(directory)
+    if cfg is None or cfg.get("base_model_name_or_path") == base:
+        return
+    cfg["base_model_name_or_path"] = base
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
 def save_initial_adapter(
     peft_model,
     directory: str,
@@ -375,11 +396,14 @@ def require_empty_dir(path: str, overwrite: bool = False, *, what: str = "output
 
 
 __all__ = [
+    "name_base_model",
+    "read_adapter_config",
     "require_empty_dir",
     "write_servable_layout",
     "resume_adapter_dir",
     "needs_conversion",
     "RESUME_DIR",
+    "HELD_RESUME_DIR",
     "export_merged",
     "export_plain_lora",
     "convert_state_dicts",
