@@ -36,6 +36,7 @@ from .core.export import (
     write_servable_layout,
 )
 from .core.objective import BALoRAObjective, LossScaling
+from .core.quantized import quantization_note
 from .core.reference import (
     REF_ADAPTER,
     adapter_state,
@@ -259,7 +260,10 @@ class BALoRATrainerMixin:
         # The host's own tags: TRL's `_tag_names`, axolotl's `tag_names` (both reach the card only on some paths).
         host_tags = [*getattr(self, "_tag_names", ()), *getattr(self, "tag_names", ())]
         repo_id = getattr(self, "hub_model_id", None) or getattr(self.args, "hub_model_id", None)
-        update_model_card(directory, self.balora.config, tags=host_tags, repo_id=repo_id)
+        quantization = quantization_note(unwrap(self.model))  # a 4-bit base: the card says what serving means
+        update_model_card(
+            directory, self.balora.config, tags=host_tags, repo_id=repo_id, base_quantization=quantization
+        )
 
     def _balora_full_reference(self) -> dict[str, torch.Tensor] | None:
         """The snapshot adapter's full weights when an engine shards them (a collective: every rank), else None."""

@@ -87,9 +87,17 @@ def _settings_rows(config: BALoRAConfig) -> list[str]:
 
 
 def card_section(
-    config: BALoRAConfig, directory: str, *, repo_id: str | None = None, with_citation: bool = True
+    config: BALoRAConfig,
+    directory: str,
+    *,
+    repo_id: str | None = None,
+    with_citation: bool = True,
+    base_quantization: str | None = None,
 ) -> str:
-    """The BA-LoRA section of the card of the adapter saved in ``directory`` (Markdown, between the markers)."""
+    """The BA-LoRA section of the card of the adapter saved in ``directory`` (Markdown, between the markers).
+
+    ``base_quantization``: how the frozen base was quantised during training (e.g. ``"bitsandbytes 4-bit nf4"``),
+    None for a full-precision base; the card then says what serving on the full-precision base means."""
     from .. import __version__
     from .export import RESUME_DIR, _num_labels, _read_config
 
@@ -152,10 +160,30 @@ def card_section(
             "was trained against) with its step-0 copy `balora_ref/`: for continued training "
             "(`trainer.train(resume_from_checkpoint=...)` on this folder), never for serving.",
         ]
+    if base_quantization is not None:
+        lines += ["", *_quantised_base_note(base_quantization, converted=resume is not None)]
     if with_citation:
         lines += ["", "### Citation", "", "```bibtex", CITATION, "```"]
     lines.append(END)
     return "\n".join(lines)
+
+
+def _quantised_base_note(quantization: str, *, converted: bool) -> list[str]:
+    """What a 4-bit training base means for serving (docs/qlora.md)."""
+    if converted:
+        return [
+            f"**Trained on a 4-bit residual** (QPiSSA, {quantization}): during training the frozen base was "
+            "Q(W_res), the 4-bit rounding of W_res = W − s·B₀A₀, so the trained model was Q(W_res) + s·BA. On the "
+            "untouched full-precision base this adapter gives W + s·(BA − B₀A₀) = W_res + s·BA: the trained model "
+            "without the residual's 4-bit rounding error Q(W_res) − W_res (an error the trained model carried "
+            "unchanged from step 0). Serve it on the full-precision base or merge it (`balora export --merge`); "
+            "loading the base in 4 bits under it adds the rounding error of W, Q(W) − W, instead.",
+        ]
+    return [
+        f"**Trained on a 4-bit base** (QLoRA, {quantization}): the frozen base during training was Q(W). The "
+        "same 4-bit loading reproduces the trained model exactly; on the full-precision base the adapter acts on W "
+        "instead of Q(W) (the difference is the base's 4-bit rounding error).",
+    ]
 
 
 def update_model_card(
@@ -164,18 +192,26 @@ def update_model_card(
     *,
     tags: tuple[str, ...] | list[str] = (),
     repo_id: str | None = None,
+    base_quantization: str | None = None,
 ) -> str:
     """Add BA-LoRA's tags (:data:`TAGS` and ``tags``) and section to ``directory/README.md``; returns its path.
 
     Replaces the section an earlier call wrote; places it before the card's first ``## `` heading (or at the end);
-    cites the paper unless the host's card already does (TRL's, through ``_paper``).
+    cites the paper unless the host's card already does (TRL's, through ``_paper``). ``base_quantization``: see
+    :func:`card_section`.
     """
     from huggingface_hub import ModelCard
 
     path = os.path.join(directory, CARD_NAME)
     card = ModelCard.load(path) if os.path.isfile(path) else ModelCard("---\nlibrary_name: peft\n---\n")
     text = _without_section(card.text)
-    section = card_section(config, directory, repo_id=repo_id, with_citation=CITATION_KEY not in text)
+    section = card_section(
+        config,
+        directory,
+        repo_id=repo_id,
+        with_citation=CITATION_KEY not in text,
+        base_quantization=base_quantization,
+    )
     lines = text.split("\n")
     at = next((i for i, line in enumerate(lines) if line.startswith("## ")), None)
     if at is None:
