@@ -63,7 +63,7 @@ class BALoRATrainerMixin:
         self, balora_config: BALoRAConfig | str | dict | None, ref_model=None, extra_plugins=()
     ) -> None:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
-        distributed.check_engine(self.accelerator)
+        distributed.check_engine(self.accelerator, unwrap(self.model))
         self.balora.prepare(self.model)
         # prepare() keeps the step-0 snapshot whenever the base was rewritten, also with a separate reference model:
         # it is what turns the trained adapter into the plain LoRA users serve (core/export.py).
