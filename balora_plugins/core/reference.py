@@ -421,17 +421,17 @@ def restore_residual_base(
             delta = s * (b0.float() @ a0.float()) - new
             if float(delta.norm()) <= rtol * max(float(new.norm()), 1e-12):
                 continue
-            if pissa_signature(a, b, m) <= _PISSA_SIGNATURE_TOL:  # already the checkpoint's base
+            if pissa_signature(a, b, m) <= signature_tolerance(m):  # already the checkpoint's base
                 continue
             w = m.get_base_layer().weight
             if type(m.get_base_layer()) is not nn.Linear or hasattr(w, "full_tensor") or hasattr(w, "ds_id"):
                 raise refuse(
                     name, "this base cannot be corrected in place (sharded, quantised or not a Linear)"
                 )
-            was_pissa = pissa_signature(a0, b0, m) <= _PISSA_SIGNATURE_TOL
+            was_pissa = pissa_signature(a0, b0, m) <= signature_tolerance(m)
             old = w.detach().clone()
             w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-            if was_pissa and pissa_signature(a, b, m) > _PISSA_SIGNATURE_TOL:
+            if was_pissa and pissa_signature(a, b, m) > signature_tolerance(m):
                 w.copy_(old)
                 raise refuse(
                     name, "this run's adapter was not at its initial values, so the base cannot be restored"
