@@ -206,6 +206,7 @@ def test_trl_qpissa_from_a_model_id_trains_and_serves_on_the_full_precision_base
     tr.save_model(str(out))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["init_lora_weights"] is True
+    assert cfg["base_model_name_or_path"] == str(fp_dir)  # the full-precision checkpoint: where it serves
     card = (out / "README.md").read_text()
     assert "Trained on a 4-bit residual" in card and "nf4" in card
 
@@ -223,7 +224,7 @@ def test_trl_qpissa_from_a_model_id_trains_and_serves_on_the_full_precision_base
     assert float((wrong - trained).abs().max()) > 2 * d0 + 1e-5  # the tolerance tells a wrong export apart
 
     merged_dir = tmp_path / "merged"
-    export_merged(str(out), str(merged_dir), base=str(fp_dir))
+    export_merged(str(out), str(merged_dir))  # the base named by the adapter: the full-precision checkpoint
     torch.testing.assert_close(logits(load_fp(merged_dir), x), served, rtol=1e-4, atol=1e-5)
     assert n_linear4bit(load_fp(merged_dir)) == 0
     quantised_base = tmp_path / "saved_4bit"
