@@ -98,12 +98,12 @@ def test_bench_four_bit_rows(tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     path = tmp_path / "bench.json"
     args = [*TINY[: TINY.index("--no-qlora")], "--hidden", "64", "--intermediate", "128"]
-    args += ["--no-nlu", "--no-regularizers", "--also-dtype", "none", "--json", str(path)]
+    args += ["--only-qlora", "--json", str(path)]
     assert bench.main(args) == 0
     table = capsys.readouterr().out
     doc = json.loads(path.read_text())
     q4 = doc["four_bit"]
-    assert set(q4["variants"]) == {"a", "b", "c"}
+    assert set(q4["variants"]) == {"a", "b", "c"} and doc["variants"] == {} and "nlu" not in doc
     for pair in ("b/a", "c/a", "c/b"):
         x, y = pair.split("/")
         assert q4["ratios"]["peak_memory"][pair] == pytest.approx(

@@ -106,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(b) with reference_cache=True timed after the first step (the batch's first epoch)",
     )
     g.add_argument("--no-nlu", action="store_true", help="skip the NLU variants")
-    p.add_argument_group(
+    g = p.add_argument_group(
         "4-bit base (QLoRA / QPiSSA)",
         "the causal LM's (a), (b), (c) again on a bitsandbytes 4-bit nf4 base with QPiSSA (PiSSA of the "
         "full-precision weights, residual re-quantised); (c) adds the authors' second, full-precision model",
-    ).add_argument("--no-qlora", action="store_true", help="skip the 4-bit variants (needs bitsandbytes)")
+    )
+    g.add_argument("--no-qlora", action="store_true", help="skip the 4-bit variants (needs bitsandbytes)")
+    g.add_argument("--only-qlora", action="store_true", help="run the 4-bit variants only")
     g.add_argument("--nlu-batch", type=int, default=32, help="examples per micro-batch")
     g.add_argument("--nlu-seq-len", type=int, default=128, help="tokens per example")
     g.add_argument("--nlu-rank", type=int, default=8, help="LoRA r of the classifier (the demo's: 8)")
@@ -136,6 +138,8 @@ def validate(args: argparse.Namespace) -> None:
         )
     if not 0.0 <= args.prompt_frac < 1.0:
         raise SystemExit(f"balora bench: --prompt-frac={args.prompt_frac} must be in [0, 1).")
+    if args.only_qlora and args.no_qlora:
+        raise SystemExit("balora bench: --only-qlora and --no-qlora exclude each other; pass one.")
     if args.softcap < 0:
         raise SystemExit(
             f"balora bench: --softcap={args.softcap} must be >= 0 (0 skips the soft-capped head)."

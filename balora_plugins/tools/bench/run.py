@@ -74,12 +74,16 @@ def worker(args: argparse.Namespace, job: str) -> dict[str, Any]:
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(job, progress label) in the order they run."""
+    four_bit = [(f"q4:{v}", f"4-bit ({v}) {Q4_VARIANTS[v]}") for v in Q4_VARIANTS if v in args.variants]
+    if not importlib.util.find_spec("bitsandbytes") or args.no_qlora:
+        four_bit = []
+    if args.only_qlora:
+        return four_bit
     out = [(v, f"variant ({v}) {VARIANTS[v]}") for v in VARIANTS if v in args.variants]
     second = also_dtype(args)
     if second:
         out += [(f"{v}@{second}", f"variant ({v}) in {second}") for v in "ab" if v in args.variants]
-    if not args.no_qlora and importlib.util.find_spec("bitsandbytes") is not None:
-        out += [(f"q4:{v}", f"4-bit ({v}) {Q4_VARIANTS[v]}") for v in Q4_VARIANTS if v in args.variants]
+    out += four_bit
     if not args.no_nlu:
         out += [(f"nlu:{v}", f"NLU ({v}) {NLU_VARIANTS[v]}") for v in NLU_VARIANTS]
     if not args.no_regularizers:
