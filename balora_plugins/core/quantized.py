@@ -32,7 +32,7 @@ FOUR_BIT_LAYERS = ("Linear4bit",)
 QUANT_MODULES = ("Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "AwqLinear", "QLinear")
 # dequant(Q(W)) against W, relative Frobenius error, for a source to count as this model's full-precision weights.
 # Measured on a random width-64 Llama: nf4 0.089 - 0.095, fp4 0.120 - 0.127; another seed's weights 1.40 - 1.44.
-# SMOLLM2_SRC
+# SmolLM2-135M's projections: nf4 0.092 - 0.102, fp4 0.122 - 0.147.
 _SOURCE_TOL = 0.35
 
 WeightSource = Callable[[str], torch.Tensor]
