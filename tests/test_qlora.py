@@ -155,6 +155,30 @@ def test_pre_initialised_qpissa_pair_is_recognised(fp_dir, tmp_path):
     assert start.rewritten is True and "PiSSA pair" in start.reason
     unrelated = PeftModel.from_pretrained(load_4bit(fp_dir), tmp_path / "pissa_init", is_trainable=True)
     assert adapter_start(unrelated).rewritten is None
+    # trains with the step-0 reference and serves as the rank-2r plain LoRA of the full-precision base
+    trainer = Trainer(
+        model=pair, args=_targs(tmp_path / "run"), train_dataset=Rows(_rows()), callbacks=[BALoRACallback(ON)]
+    )
+    assert trainer.balora.mode == "adapter_snapshot"
+    trainer.train()
+    assert trainer.state.log_history[0]["balora/consistency"] == pytest.approx(0.0, abs=1e-6)
+    trainer.save_model(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_qpissa_under_zero3_is_refused(fp_dir):
+    from types import SimpleNamespace
+
+    from balora_plugins.core.distributed import check_engine
+
+    model = get_qpissa_model(load_4bit(fp_dir), lora_config("pissa_niter_4", targets=TARGETS))
+    zero = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=zero))
+    )
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-3 with a PiSSA adapter on a 4-bit base \(QPiSSA\)"):
+        check_engine(accelerator, model)
+    check_engine(accelerator)  # without the model (or with a full-precision one) this check does not apply
 
 
 # ---------------------------------------------------------------------------------------------- TRL
