@@ -170,11 +170,9 @@ def format_table(doc: dict[str, Any]) -> str:
         f"balora bench — {meta['model']} · {meta['tokens']} tokens/micro-batch ({meta['batch']}×{meta['seq_len']}) · "
         f"r=α={meta['rank']} · {meta['device']} {meta['dtype']} · {meta['threads']} thread(s) · "
         f"median of {meta['steps']} steps after {meta['warmup']} warm-up",
-        "",
-        *_variant_rows(res, VARIANTS),
-        "",
-        *_ratio_rows(rat, ("b/a", "c/a", "c/b")),
     ]
+    if res:  # not with --only-qlora
+        lines += ["", *_variant_rows(res, VARIANTS), "", *_ratio_rows(rat, ("b/a", "c/a", "c/b"))]
     paired = res.get("b", {}).get("paired")
     if paired:
         lines.append(
