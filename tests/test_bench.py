@@ -94,7 +94,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
 
 def test_bench_four_bit_rows(tmp_path, capsys):
     """The 4-bit section: (a) QPiSSA, (b) BA-LoRA and (c) the authors' approach on the same bitsandbytes base
-    (width 64: bitsandbytes' CPU block size); its ratios and target, and (c)'s second full-precision model."""
+    (width 64: bitsandbytes' CPU block size): its document, ratios, target and table."""
     pytest.importorskip("bitsandbytes")
     path = tmp_path / "bench.json"
     args = [*TINY[: TINY.index("--no-qlora")], "--hidden", "64", "--intermediate", "128"]
@@ -109,8 +109,7 @@ def test_bench_four_bit_rows(tmp_path, capsys):
         assert q4["ratios"]["peak_memory"][pair] == pytest.approx(
             q4["variants"][x]["peak_mem_bytes"] / q4["variants"][y]["peak_mem_bytes"], rel=1e-12
         )
-    # (c) holds the full-precision second model on top of the 4-bit one: more than (b)
-    assert q4["variants"]["c"]["peak_mem_bytes"] > q4["variants"]["b"]["peak_mem_bytes"]
+    # (no ordering of the peaks is asserted: at this size the second model is a few hundred KB, noise-level)
     assert q4["variants"]["b"]["last"]["consistency"] == pytest.approx(0.0, abs=1e-6)  # step-0 reference
     assert doc["targets"][FOUR_BIT_TARGET]["value"] == q4["ratios"]["peak_memory"]["b/a"]
     assert "4-bit base: bitsandbytes nf4" in table and f"(b) {bench.Q4_VARIANTS['b']}" in table
