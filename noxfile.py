@@ -127,7 +127,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """`balora bench` (step time and peak memory: baseline vs BA-LoRA vs the authors' approach)."""
-    _install(session, TORCH, "-e", ".[trl,demo]")
+    _install(session, TORCH, "-e", ".[trl,demo]", "bitsandbytes==0.50.2")  # its 4-bit (QPiSSA) section
     session.run("balora", "bench", *session.posargs, env=ENV)
 
 

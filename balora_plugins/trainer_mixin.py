@@ -40,6 +40,7 @@ from .core.export import (
     write_servable_layout,
 )
 from .core.objective import BALoRAObjective, LossScaling
+from .core.quantized import quantization_note
 from .core.reference import (
     REF_ADAPTER,
     adapter_state,
@@ -72,7 +73,7 @@ class BALoRATrainerMixin:
         self, balora_config: BALoRAConfig | str | dict | None, ref_model=None, extra_plugins=()
     ) -> None:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
-        distributed.check_engine(self.accelerator)
+        distributed.check_engine(self.accelerator, unwrap(self.model))
         self.balora.prepare(self.model)
         # prepare() keeps the step-0 snapshot whenever the base was rewritten, also with a separate reference model:
         # it is what turns the trained adapter into the plain LoRA users serve (core/export.py).
@@ -326,6 +327,7 @@ class BALoRATrainerMixin:
             repo_id=repo_id,
             residual=residual,
             engine_files=engine,
+            base_quantization=quantization_note(unwrap(self.model)),  # a 4-bit base: what serving means
         )
 
     def _balora_full_reference(self) -> dict[str, torch.Tensor] | None:

@@ -39,6 +39,7 @@ from .arguments import (
 from .config import PRESETS, BALoRAConfig
 from .core.card import PAPER, nearest_preset
 from .core.model import validate_model
+from .core.quantized import get_qpissa_model, wants_qpissa
 from .core.reference import is_peft_model, lora_init, resolve_mode, unwrap
 from .trainer_mixin import BALoRATrainerMixin, refuse_overwriting_checkpoints
 
@@ -217,6 +218,7 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
         training_args = kwargs.get("args", args[0] if args else None)
         config = resolve_balora_config(balora_config, training_args)
         kwargs["peft_config"] = with_adapter_init(model, kwargs.get("peft_config"), training_args)
+        model = _qpissa_before_wrap(model, training_args, kwargs)
         if isinstance(model, nn.Module):
             _check_before_wrap(model, kwargs["peft_config"], config, ref_model)
         super().__init__(model, *args, **kwargs)
@@ -264,6 +266,30 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
                 store[k] = [v]
             else:
                 store[k].append(v)
+
+
+def _qpissa_before_wrap(model: str | nn.Module, args: Any, kwargs: dict[str, Any]) -> str | nn.Module:
+    """QPiSSA in one step (docs/qlora.md): a 4-bit model (or a model id with a 4-bit ``quantization_config``) and
+    a PiSSA ``peft_config`` become the QPiSSA ``PeftModel`` here, and ``peft_config`` is taken out of ``kwargs``
+    (PEFT itself refuses PiSSA's SVD on quantised layers). A model id is loaded as ``SFTTrainer`` loads it."""
+    peft_config = kwargs.get("peft_config")
+    if isinstance(model, str) and str(getattr(peft_config, "init_lora_weights", "")).startswith("pissa"):
+        init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        if kwargs.get("quantization_config") is not None:  # TRL 1.16's trainer argument
+            init_kwargs["quantization_config"] = kwargs.pop("quantization_config")
+        qcfg = init_kwargs.get("quantization_config")
+        four_bit = (
+            qcfg.get("load_in_4bit") if isinstance(qcfg, dict) else getattr(qcfg, "load_in_4bit", False)
+        )
+        if four_bit:
+            from trl.trainer.utils import create_model_from_path
+
+            init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+            model = create_model_from_path(model, **init_kwargs)
+    if not wants_qpissa(model, peft_config):
+        return model
+    kwargs["peft_config"] = None
+    return get_qpissa_model(model, peft_config)
 
 
 def _check_before_wrap(

@@ -146,12 +146,20 @@ def test_a_misspelled_key_fails_with_a_suggestion():
         ({"reward_model": True}, "reward_model=True: the BA-LoRA plugin supports supervised"),
         ({"process_reward_model": True}, "process_reward_model=True: the BA-LoRA plugin"),
         (
-            {"adapter": "qlora", "load_in_4bit": True},
-            r"peft_init_lora_weights='pissa' with load_in_4bit=True: .*QLoRA with plain",
+            {"adapter": "qlora", "load_in_4bit": True, "peft_use_dora": True},
+            r"peft_use_dora=True with peft_init_lora_weights='pissa' and load_in_4bit=True: DoRA's magnitude",
+        ),
+        (
+            {"adapter": "qlora", "load_in_4bit": True, "peft_init_lora_weights": "olora"},
+            r"'olora' with load_in_4bit=True: on a quantised base BA-LoRA supports only PiSSA",
         ),
         (
             {"adapter": "lora", "load_in_8bit": True, "peft_init_lora_weights": "pissa_niter_4"},
-            r"'pissa_niter_4' with load_in_8bit=True: PiSSA on a quantised base",
+            r"'pissa_niter_4' with load_in_8bit=True: QPiSSA is supported on 4-bit bitsandbytes bases only",
+        ),
+        (
+            {"adapter": "qlora", "load_in_4bit": True, "deepspeed": {"zero_optimization": {"stage": 3}}},
+            r"'pissa' with load_in_4bit=True under DeepSpeed ZeRO-3 .* not supported",
         ),
         ({"adapter": None, "peft_init_lora_weights": None}, "adapter=None: BA-LoRA needs `adapter: lora`"),
         ({"adapter": "llama-adapter"}, "adapter=.llama-adapter.: BA-LoRA needs"),
@@ -175,7 +183,7 @@ def test_each_rule_is_its_own_validator_and_qlora_with_plain_init_passes():
         args.supervised_only,
         args.no_kd_trainer,
         args.lora_adapter,
-        args.no_residual_init_on_quantised_base,
+        args.qpissa_on_4bit_only,
         args.no_relora,
         args.verified_kernels_only,
         args.supported_release,
@@ -183,7 +191,7 @@ def test_each_rule_is_its_own_validator_and_qlora_with_plain_init_passes():
     validators = args.BALoRAArgs.__pydantic_decorators__.model_validators
     assert {f"_balora_{r.__name__}" for r in rules} <= set(validators)
     # each rule refuses its own setting and nothing else
-    bad = [{"balora_x": 1}, {"rl": "dpo"}, {"kd_trainer": True}, {"adapter": "ia3"}, {"adapter": "qlora"}]
+    bad = [{"balora_x": 1}, {"rl": "dpo"}, {"kd_trainer": True}, {"adapter": "ia3"}, {"load_in_8bit": True}]
     bad += [{"relora": True}, {"lora_mlp_kernel": True}, {"nf4_backend": "torchao"}]
     base = {"adapter": "lora", "peft_init_lora_weights": "pissa"}
     for i, rule in enumerate(rules):
@@ -195,6 +203,8 @@ def test_each_rule_is_its_own_validator_and_qlora_with_plain_init_passes():
                 rule({**base, **setting})
     qlora = validate(adapter="qlora", load_in_4bit=True, peft_init_lora_weights=None)
     assert qlora.adapter == "qlora" and balora_config_from_cfg(qlora).reference == "auto"
+    qpissa = validate(adapter="qlora", load_in_4bit=True, peft_init_lora_weights="pissa_niter_16")
+    assert qpissa.peft_init_lora_weights == "pissa_niter_16"  # QPiSSA (docs/qlora.md)
 
 
 def test_release_check_names_the_release():

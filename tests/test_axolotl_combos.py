@@ -144,6 +144,34 @@ def test_qlora_with_plain_init_end_to_end(tmp_path):
     assert '"load_in_4bit": true' in log and '"gradient_checkpointing": true' in log
 
 
+@pytest.mark.slow
+def test_qpissa_end_to_end(tmp_path):
+    """QPiSSA (`adapter: qlora`, `load_in_4bit: true`, PiSSA init): the plugin factorises the full-precision
+    weights of `base_model` and re-quantises the residual; the consistency term is 0 at step 1 (the reference
+    is the step-0 model Q(W_res) + s·B0A0); the root is the plain LoRA for the untouched full-precision base,
+    equal to the trained adapter on the full-precision residual W − s·B0A0 (run_tiny's independent rebuild), and
+    `axolotl merge-lora` merges it into the full-precision base."""
+    result = run_tiny(
+        tmp_path,
+        "adapter=qlora",
+        "load_in_4bit=true",
+        "peft_init_lora_weights=pissa_niter_4",
+        hidden=64,  # bitsandbytes' CPU 4-bit path needs rows of >= 64 values
+    )
+    assert (
+        result["steps"] == 4 and result["served_max_abs_err"] < 1e-4 and result["merged_max_abs_err"] < 1e-4
+    )
+    out = tmp_path / "outputs" / "tiny-balora"
+    trained = json.loads((out / "balora_resume" / "adapter_config.json").read_text())
+    assert (
+        trained["init_lora_weights"] == "pissa_niter_4"
+        and trained["r"] * 2 == json.loads((out / "adapter_config.json").read_text())["r"]
+    )
+    log = (tmp_path / "axolotl.log").read_text()
+    assert '"load_in_4bit": true' in log and "QPiSSA (pissa_niter_4) on" in log
+    assert "Trained on a 4-bit residual" in (out / "README.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------- second plugin
 @pytest.mark.parametrize(
     "plugins, keys",

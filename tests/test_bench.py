@@ -18,8 +18,9 @@ TINY = [
     "--in-process", "--quiet", "--layers", "1", "--hidden", "32", "--intermediate", "64", "--heads", "4",
     "--kv-heads", "2", "--vocab", "300", "--batch", "2", "--seq-len", "24", "--rank", "4", "--warmup", "1",
     "--steps", "2", "--term-reps", "1", "--nlu-layers", "1", "--nlu-hidden", "32", "--nlu-vocab", "300",
-    "--nlu-batch", "6", "--nlu-seq-len", "12",
+    "--nlu-batch", "6", "--nlu-seq-len", "12", "--no-qlora",
 ]  # fmt: skip
+FOUR_BIT_TARGET = "4-bit base (QPiSSA): peak memory b/a <= 1.10"
 
 
 def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
@@ -64,7 +65,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     assert (g["rows"], g["vocab"], g["hidden"]) == (48, 300, 32)
     assert g["fused/plain"] == pytest.approx(g["fused_peak_bytes"] / g["plain_peak_bytes"])
     assert g["softcap"] == 30.0 and g["softcap_fused_peak_bytes"] > 0
-    assert set(doc["targets"]) == set(bench.TARGETS)
+    assert set(doc["targets"]) == set(bench.TARGETS) - {FOUR_BIT_TARGET} and "four_bit" not in doc
     # (a) and (b) again in bf16: one timed step each, their own ratio
     bf16 = doc["dtypes"]["bf16"]
     assert set(bf16["variants"]) == {"a", "b"} and doc["meta"]["also_dtype"] == "bf16"
@@ -89,6 +90,29 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     b, c = res["b"]["last"], res["c"]["last"]
     assert b["rows"] == 2 * (24 - int(0.25 * 24))  # shifted mask: positions whose next token is labelled
     assert b["diversity"] == pytest.approx(c["diversity"], rel=0.05)
+
+
+def test_bench_four_bit_rows(tmp_path, capsys):
+    """The 4-bit section: (a) QPiSSA, (b) BA-LoRA and (c) the authors' approach on the same bitsandbytes base
+    (width 64: bitsandbytes' CPU block size): its document, ratios, target and table."""
+    pytest.importorskip("bitsandbytes")
+    path = tmp_path / "bench.json"
+    args = [*TINY[: TINY.index("--no-qlora")], "--hidden", "64", "--intermediate", "128"]
+    args += ["--only-qlora", "--json", str(path)]
+    assert bench.main(args) == 0
+    table = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    q4 = doc["four_bit"]
+    assert set(q4["variants"]) == {"a", "b", "c"} and doc["variants"] == {} and "nlu" not in doc
+    for pair in ("b/a", "c/a", "c/b"):
+        x, y = pair.split("/")
+        assert q4["ratios"]["peak_memory"][pair] == pytest.approx(
+            q4["variants"][x]["peak_mem_bytes"] / q4["variants"][y]["peak_mem_bytes"], rel=1e-12
+        )
+    # (no ordering of the peaks is asserted: at this size the second model is a few hundred KB, noise-level)
+    assert q4["variants"]["b"]["last"]["consistency"] == pytest.approx(0.0, abs=1e-6)  # step-0 reference
+    assert doc["targets"][FOUR_BIT_TARGET]["value"] == q4["ratios"]["peak_memory"]["b/a"]
+    assert "4-bit base: bitsandbytes nf4" in table and f"(b) {bench.Q4_VARIANTS['b']}" in table
 
 
 def test_targets_and_ratio_arithmetic():

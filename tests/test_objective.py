@@ -450,14 +450,31 @@ def test_validate_model_errors():
         validate_model(lora(tiny_llama(), init=True), nlg, adapter="other")
 
 
-def test_validate_model_refuses_quantised_pissa():
-    class Linear4bit(nn.Linear):  # stands in for bitsandbytes' class (matched by name)
+def test_validate_model_quantised_pissa_4bit_only():
+    """PiSSA on a 4-bit base is QPiSSA (allowed); 8-bit, DoRA, other inits and a quantised config without
+    bitsandbytes layers are refused by name."""
+
+    class Linear4bit(nn.Linear):  # stand in for bitsandbytes' classes (matched by name)
+        pass
+
+    class Linear8bitLt(nn.Linear):
         pass
 
     model = lora(tiny_llama(), init="pissa", targets=("q_proj",))
     model.get_base_model().model.layers[0].mlp.extra = Linear4bit(2, 2)
-    with pytest.raises(ValueError, match=r"init_lora_weights='pissa' on a quantised base \(Linear4bit\)"):
-        validate_model(model, _cfg())
+    validate_model(model, _cfg())  # QPiSSA: docs/qlora.md
+    eight = lora(tiny_llama(), init="pissa", targets=("q_proj",))
+    eight.get_base_model().model.layers[0].mlp.extra = Linear8bitLt(2, 2)
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa' on an 8-bit base \(Linear8bitLt\)"):
+        validate_model(eight, _cfg())
+    dora = lora(tiny_llama(), init="pissa", targets=("q_proj",), use_dora=True)
+    dora.get_base_model().model.layers[0].mlp.extra = Linear4bit(2, 2)
+    with pytest.raises(ValueError, match=r"use_dora=True with init_lora_weights='pissa' on a 4-bit base"):
+        validate_model(dora, _cfg())
+    olora = lora(tiny_llama(), init="olora", targets=("q_proj",))
+    olora.get_base_model().model.layers[0].mlp.extra = Linear4bit(2, 2)
+    with pytest.raises(ValueError, match=r"init_lora_weights='olora' on a quantised base \(Linear4bit\)"):
+        validate_model(olora, _cfg())
     plain = lora(tiny_llama(), init=True, targets=("q_proj",))
     plain.get_base_model().model.layers[0].mlp.extra = Linear4bit(2, 2)
     validate_model(plain, _cfg())  # plain LoRA keeps the base untouched: fine

@@ -11,9 +11,12 @@ Hooks, in the order axolotl calls them:
   checkpoints of an earlier run is refused unless ``resume_from_checkpoint`` / ``auto_resume_from_checkpoints``
   resumes it or ``balora_overwrite_output_dir`` overwrites it (returns None: axolotl loads the data itself).
 * ``pre_lora_load``: under DeepSpeed ZeRO-3, keeps the DeepSpeed config registered so PEFT's PiSSA init gathers
-  the partitioned base weights (axolotl drops it after loading the model).
-* ``post_lora_load``: validates the PEFT model, decides the reference and adds the frozen snapshot of the initial
-  adapter on a rewritten base (PiSSA created here, or a pre-initialised PiSSA pair from ``lora_model_dir``).
+  the partitioned base weights (axolotl drops it after loading the model). QPiSSA (``adapter: qlora``,
+  ``load_in_4bit``, a PiSSA init): axolotl's LoRA is created with plain init (PEFT refuses PiSSA on 4-bit layers).
+* ``post_lora_load``: QPiSSA: PiSSA of the full-precision weights of ``base_model`` with the residual quantised
+  into the 4-bit layers (docs/qlora.md); then validates the PEFT model, decides the reference and adds the frozen
+  snapshot of the initial adapter on a rewritten base (PiSSA created here, or a pre-initialised PiSSA pair from
+  ``lora_model_dir``).
 * ``post_model_load``: checks axolotl left the trained adapter trainable and the snapshot frozen.
 * ``get_training_args_mixin`` / ``get_training_args``: the ``balora_*`` values travel on axolotl's
   ``TrainingArguments`` (:class:`~.args.BALoRATrainingArgsMixin`), as axolotl's own KD plugin hands over its keys.
@@ -35,6 +38,7 @@ try:
 
     from ..core.distributed import zero3_config_for_adapter_init
     from ..core.model import validate_model
+    from ..core.quantized import qpissa_initialize, weight_source
     from ..core.reference import REF_ADAPTER, init_rewrites_base, lora_init, prepare_reference, unwrap
     from . import compat
     from .args import (
@@ -68,6 +72,7 @@ class BALoRAPlugin(BasePlugin):
         self._trainer = None
         self._post_train_calls = 0
         self._zero3_config = None  # transformers keeps only a weak reference to it
+        self._qpissa_init = None  # the PiSSA init QPiSSA applies after axolotl created a plain-init LoRA
 
     def get_input_args(self) -> str:
         return "balora_plugins.axolotl.args.BALoRAArgs"
@@ -89,16 +94,27 @@ class BALoRAPlugin(BasePlugin):
         return None  # axolotl loads the datasets itself
 
     def pre_lora_load(self, cfg, model):
-        if plugin_listed(
-            cfg
-        ):  # DeepSpeed ZeRO-3: PEFT's PiSSA init must see the partitioned base weights whole
-            self._zero3_config = zero3_config_for_adapter_init(cfg.deepspeed, model)
+        if not plugin_listed(cfg):
+            return
+        # DeepSpeed ZeRO-3: PEFT's PiSSA init must see the partitioned base weights whole
+        self._zero3_config = zero3_config_for_adapter_init(cfg.deepspeed, model)
+        init = cfg.peft_init_lora_weights
+        if cfg.load_in_4bit and not cfg.lora_model_dir and str(init or "").lower().startswith("pissa"):
+            self._qpissa_init = init  # QPiSSA: plain init now (PEFT refuses PiSSA on 4-bit), PiSSA after
+            cfg.peft_init_lora_weights = None
 
     def post_lora_load(self, cfg, model):
         if not plugin_listed(cfg):
             return
         peft_model = unwrap(model)
         config = balora_config_from_cfg(cfg)
+        if self._qpissa_init is not None:
+            init, self._qpissa_init = self._qpissa_init, None
+            cfg.peft_init_lora_weights = init
+            done = qpissa_initialize(
+                peft_model, init, weight_source(peft_model.get_base_model(), cfg.base_model)
+            )
+            LOG.info("BA-LoRA: QPiSSA (%s) on %d 4-bit layers, residual re-quantised", init, len(done))
         if cfg.lora_model_dir and init_rewrites_base(lora_init(peft_model)):
             # PEFT re-ran the init on load (its config names it): the base is a fresh residual and the adapter
             # holds the saved weights, so neither the step-0 adapter nor the base it was trained on is here.

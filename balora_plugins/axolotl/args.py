@@ -28,6 +28,7 @@ from ..config import (
     SVD_NORMS,
     BALoRAConfig,
 )
+from ..core.distributed import config_zero_stage
 from ..core.reference import init_is_approximate, init_rewrites_base
 from ..trainer_mixin import refuse_overwriting_checkpoints
 from . import compat
@@ -149,26 +150,49 @@ def lora_adapter(data: Mapping[str, Any]) -> None:
     if data.get("adapter") not in ADAPTERS:
         raise ValueError(
             f"adapter={data.get('adapter')!r}: BA-LoRA needs `adapter: lora` (PiSSA via `peft_init_lora_weights: "
-            "pissa` or `pissa_niter_16`, or plain LoRA init) or `adapter: qlora` (plain LoRA init on a 4-bit "
-            "base). Full fine-tuning has no adapter to regularize, and other adapter types have no frozen "
+            "pissa` or `pissa_niter_16`, or plain LoRA init) or `adapter: qlora` (QPiSSA or plain LoRA init on a "
+            "4-bit base). Full fine-tuning has no adapter to regularize, and other adapter types have no frozen "
             "reference BA-LoRA can switch to."
         )
 
 
-def no_residual_init_on_quantised_base(data: Mapping[str, Any]) -> None:
-    """PiSSA-type inits rewrite the base weight to the residual, which a quantised base cannot take exactly."""
+def qpissa_on_4bit_only(data: Mapping[str, Any]) -> None:
+    """On a quantised base the only residual init is QPiSSA: PiSSA (``pissa`` / ``pissa_niter_N``) with
+    ``adapter: qlora`` + ``load_in_4bit`` (bitsandbytes), without DoRA and without DeepSpeed ZeRO-3 (docs/qlora.md)."""
     quantised = [k for k in ("load_in_4bit", "load_in_8bit") if data.get(k)]
     if data.get("adapter") == "qlora" and "load_in_4bit" not in quantised:
         quantised.append("adapter='qlora'")
     init = data.get("peft_init_lora_weights")
-    if quantised and init_rewrites_base(init) and not init_is_approximate(init):  # LoftQ: its own recipe
+    if not quantised or not init_rewrites_base(init) or init_is_approximate(init):  # LoftQ: its own recipe
+        return
+    given = ", ".join(f"{k}=True" if k.startswith("load") else k for k in quantised)
+    pissa = str(init).lower().startswith("pissa")
+    if not pissa or "load_in_8bit" in quantised:
+        why = (
+            "QPiSSA is supported on 4-bit bitsandbytes bases only (the authors' bits=4; LLM.int8 keeps outlier "
+            "columns in fp16 inside its own matmul, so a residual written back through Int8Params is not the layer "
+            "it runs)"
+            if pissa
+            else "on a quantised base BA-LoRA supports only PiSSA's residual (QPiSSA), re-quantised from the "
+            "full-precision weights"
+        )
         raise ValueError(
-            f"peft_init_lora_weights={init!r} with {', '.join(f'{k}=True' if k.startswith('load') else k for k in quantised)}: "
-            "PiSSA on a quantised base (QPiSSA) needs the SVD of the full-precision weights and a re-quantised "
-            "residual; PEFT refuses the SVD on quantised layers ('Please initialize PiSSA under float32 ...') and "
-            "axolotl loads the base already quantised. Use either QLoRA with plain LoRA init (remove "
-            "`peft_init_lora_weights`; BA-LoRA's reference is then the quantised pre-trained model) or PiSSA on "
-            "an unquantised base (`adapter: lora` without load_in_4bit/load_in_8bit)."
+            f"peft_init_lora_weights={init!r} with {given}: {why}. Use `adapter: qlora`, `load_in_4bit: true` and "
+            "`peft_init_lora_weights: pissa_niter_16` (QPiSSA), QLoRA with plain init (remove "
+            "`peft_init_lora_weights`), or an unquantised base (`adapter: lora`)."
+        )
+    if data.get("peft_use_dora"):
+        raise ValueError(
+            f"peft_use_dora=True with peft_init_lora_weights={init!r} and {given}: DoRA's magnitude is the norm of "
+            "the 4-bit residual Q(W_res), not of W_res, so the model at step 0 would not be Q(W_res) + s·B0A0. "
+            "Remove `peft_use_dora` (QPiSSA), or use DoRA on an unquantised base."
+        )
+    if config_zero_stage(data.get("deepspeed")) == 3:
+        raise ValueError(
+            f"peft_init_lora_weights={init!r} with {given} under DeepSpeed ZeRO-3 (deepspeed: "
+            f"{data.get('deepspeed')!r}): QPiSSA writes the re-quantised residual into bitsandbytes' 4-bit "
+            "layers, whose packed storage ZeRO-3 partitions; this is not supported. Use ZeRO-2 (the authors' "
+            "setup), DDP, or QLoRA with plain init under ZeRO-3."
         )
 
 
@@ -242,7 +266,7 @@ class _BALoRAArgsBase(BaseModel):
     _balora_supervised_only = _rule(supervised_only)
     _balora_no_kd_trainer = _rule(no_kd_trainer)
     _balora_lora_adapter = _rule(lora_adapter)
-    _balora_no_residual_init_on_quantised_base = _rule(no_residual_init_on_quantised_base)
+    _balora_qpissa_on_4bit_only = _rule(qpissa_on_4bit_only)
     _balora_no_relora = _rule(no_relora)
     _balora_whole_sequences = _rule(whole_sequences)
     _balora_verified_kernels_only = _rule(verified_kernels_only)

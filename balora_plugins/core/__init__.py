@@ -17,6 +17,7 @@ from .hookspecs import hookimpl
 from .model import check_reference_head, decoder_of, output_head, validate_model
 from .objective import BALoRAObjective, LossScaling
 from .plugins import collect_terms, plugin_manager
+from .quantized import get_qpissa_model
 from .reference import (
     REF_ADAPTER,
     AdapterStart,
@@ -58,6 +59,7 @@ __all__ = [
     "export_merged",
     "export_plain_lora",
     "find_initial_adapter",
+    "get_qpissa_model",
     "has_residual_base",
     "hookimpl",
     "init_rewrites_base",

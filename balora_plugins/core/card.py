@@ -109,6 +109,7 @@ def card_section(
     with_citation: bool = True,
     residual: str | None = None,
     engine_files: tuple[str, ...] = (),
+    base_quantization: str | None = None,
 ) -> str:
     """The BA-LoRA section of the card of the adapter saved in ``directory`` (Markdown, between the markers).
 
@@ -117,6 +118,9 @@ def card_section(
 
     ``residual``: the residual base training loaded (a pre-initialised PiSSA pair), which the card must name as the
     model this adapter does *not* serve on when the adapter's config names no base.
+
+    ``base_quantization``: how the frozen base was quantised during training (e.g. ``"bitsandbytes 4-bit nf4"``),
+    None for a full-precision base; the card then says what serving on the full-precision base means.
     """
     from .. import __version__
     from .export import HELD_RESUME_DIR, RESUME_DIR, _num_labels, _read_config
@@ -218,10 +222,30 @@ def card_section(
                 else ""
             ),
         ]
+    if base_quantization is not None:
+        lines += ["", *_quantised_base_note(base_quantization, converted=resume is not None)]
     if with_citation:
         lines += ["", "### Citation", "", "```bibtex", CITATION, "```"]
     lines.append(END)
     return "\n".join(lines)
+
+
+def _quantised_base_note(quantization: str, *, converted: bool) -> list[str]:
+    """What a 4-bit training base means for serving (docs/qlora.md)."""
+    if converted:
+        return [
+            f"**Trained on a 4-bit residual** (QPiSSA, {quantization}): during training the frozen base was "
+            "Q(W_res), the 4-bit rounding of W_res = W − s·B₀A₀, so the trained model was Q(W_res) + s·BA. On the "
+            "untouched full-precision base this adapter gives W + s·(BA − B₀A₀) = W_res + s·BA: the trained model "
+            "without the residual's 4-bit rounding error Q(W_res) − W_res (an error the trained model carried "
+            "unchanged from step 0). Serve it on the full-precision base or merge it (`balora export --merge`); "
+            "loading the base in 4 bits under it adds the rounding error of W, Q(W) − W, instead.",
+        ]
+    return [
+        f"**Trained on a 4-bit base** (QLoRA, {quantization}): the frozen base during training was Q(W). The "
+        "same 4-bit loading reproduces the trained model exactly; on the full-precision base the adapter acts on W "
+        "instead of Q(W) (the difference is the base's 4-bit rounding error).",
+    ]
 
 
 def update_model_card(
@@ -232,6 +256,7 @@ def update_model_card(
     repo_id: str | None = None,
     residual: str | None = None,
     engine_files: tuple[str, ...] = (),
+    base_quantization: str | None = None,
 ) -> str:
     """Add BA-LoRA's tags (:data:`TAGS` and ``tags``) and section to ``directory/README.md``; returns its path.
 
@@ -240,6 +265,7 @@ def update_model_card(
     metadata back whatever card the host wrote last (TRL's ``create_model_card`` on ``push_to_hub`` rewrites it as
     ``library_name: transformers`` without ``base_model``): ``library_name: peft``, ``base_model`` and the tags
     ``lora`` and ``base_model:adapter:<base>`` naming the model the adapter serves on (:func:`card_metadata`).
+    ``base_quantization``: see :func:`card_section`.
     """
     from huggingface_hub import ModelCard
 
@@ -253,6 +279,7 @@ def update_model_card(
         with_citation=CITATION_KEY not in text,
         residual=residual,
         engine_files=engine_files,
+        base_quantization=base_quantization,
     )
     lines = text.split("\n")
     at = next((i for i, line in enumerate(lines) if line.startswith("## ")), None)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .quantized import quantized_layer_types
+
 
 # ---------------------------------------------------------------------------------------------- facts
 def is_partitioned(t: Any) -> bool:
@@ -229,6 +231,17 @@ def zero3_config_for_adapter_init(config: Any, model: nn.Module) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- engines
+def _has_4bit_residual(model: nn.Module) -> bool:
+    """A 4-bit base under a PiSSA-type adapter (its config names a pissa init; docs/qlora.md)."""
+    configs = getattr(model, "peft_config", None) or getattr(
+        getattr(model, "module", None), "peft_config", {}
+    )
+    pissa = any(
+        str(getattr(c, "init_lora_weights", "")).lower().startswith("pissa") for c in configs.values()
+    )
+    return pissa and "Linear4bit" in quantized_layer_types(model)
+
+
 def zero_stage(accelerator: Any) -> int | None:
     """The DeepSpeed ZeRO stage of a run prepared by ``accelerator`` (None without DeepSpeed)."""
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
@@ -237,18 +250,41 @@ def zero_stage(accelerator: Any) -> int | None:
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) or 0)
 
 
+def config_zero_stage(config: Any) -> int | None:
+    """The ZeRO stage a DeepSpeed config names: a dict, a JSON file path (axolotl's ``deepspeed:``), or None.
+    None when there is no config or the file cannot be read (axolotl reports a missing file itself)."""
+    if isinstance(config, str):
+        import json
+        import os
+
+        if not os.path.isfile(config):
+            return None
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    if not isinstance(config, dict):
+        return None
+    return int((config.get("zero_optimization") or {}).get("stage", 0) or 0)
+
+
 def fsdp_version(accelerator: Any) -> int | None:
     """1 or 2 when ``accelerator`` runs FSDP, else None."""
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     return None if plugin is None else int(getattr(plugin, "fsdp_version", 1) or 1)
 
 
-def check_engine(accelerator: Any) -> None:
+def check_engine(accelerator: Any, model: nn.Module | None = None) -> None:
     """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (README, "Multi-GPU").
 
-    Every message names the engine, the setting and what to use instead.
+    Every message names the engine, the setting and what to use instead. ``model``: the trained model, for the
+    checks that depend on it (a 4-bit QPiSSA residual under ZeRO-3).
     """
     stage = zero_stage(accelerator)
+    if stage == 3 and model is not None and _has_4bit_residual(model):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 with a PiSSA adapter on a 4-bit base (QPiSSA): its re-quantised residual lives in "
+            "bitsandbytes' packed 4-bit storage, which ZeRO-3 partitions; this is not supported. Use ZeRO-2 "
+            "(the authors' setup), DDP, or QLoRA with plain init under ZeRO-3 (docs/qlora.md)."
+        )
     if stage == 3:
         zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
         key = "stage3_gather_16bit_weights_on_model_save"

@@ -344,7 +344,14 @@ def export_merged(
     require_empty_dir(out, overwrite)
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    refuse_quantised_merge_base(AutoConfig.from_pretrained(base), base)
 
     load_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,6 +374,21 @@ def export_merged(
     except (OSError, ValueError, TypeError):
         pass  # a base without a tokenizer: the merged weights are still complete
     return out
+
+
+def refuse_quantised_merge_base(base_config, base: str) -> None:
+    """A merged model is a full-precision model: its base must be the full-precision checkpoint. A checkpoint saved
+    quantised (its config carries a ``quantization_config``, e.g. a 4-bit model saved for serving) would merge
+    s·B'A' into rounded weights, or not merge at all; the QPiSSA adapter at a run's root belongs on W itself."""
+    qcfg = getattr(base_config, "quantization_config", None)
+    if qcfg is not None:
+        method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", "?")
+        raise ValueError(
+            f"merging needs the full-precision base model, but {base!r} is a quantised checkpoint "
+            f"(quantization_config: {method}). Pass the checkpoint the model was quantised from: "
+            "`balora export --merge --base FULL_PRECISION_PATH` (the root of a 4-bit/QPiSSA run is a plain LoRA "
+            "for that untouched base; docs/qlora.md)."
+        )
 
 
 def _num_labels(adapter_dir: str) -> int:

@@ -20,8 +20,7 @@ from ..config import BALoRAConfig
 from . import distributed
 from . import reference as ref
 from .fused import OutputHead
-
-QUANT_MODULES = ("Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "AwqLinear", "QLinear")
+from .quantized import check_quantised_pissa, quantized_layer_types
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -311,15 +310,28 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
             )
     start = ref.adapter_start(peft_model, adapter)
     if start.rewritten or (start.rewritten is None and config.reference == "adapter_snapshot"):
-        quant = [type(m).__name__ for m in base.modules() if type(m).__name__ in QUANT_MODULES]
+        quant = quantized_layer_types(base)
         qcfg = getattr(base.config, "quantization_config", None)
         method = (
             qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
         ) or ""
-        if quant or (qcfg is not None and str(method).split(".")[-1].lower() not in ("gguf", "")):
-            raise ValueError(
-                f"init_lora_weights={start.init!r} on a quantised base ({quant[0] if quant else method}) — "
-                f"{start.reason}: PiSSA's residual cannot be stored exactly in quantised weights, "
-                "so the reference is not the pre-trained model. Load the base unquantised, or use plain LoRA init "
-                "(init_lora_weights=True)."
+        if not quant and (qcfg is None or str(method).split(".")[-1].lower() in ("gguf", "")):
+            return
+        init = start.init
+        # QPiSSA (docs/qlora.md): a PiSSA adapter — by its config, or a pre-initialised pair recognised on its
+        # residual — on a 4-bit bitsandbytes residual; the reference is the step-0 model Q(W_res) + s·B0A0.
+        pissa = (isinstance(init, str) and init.lower().startswith("pissa")) or not ref.init_rewrites_base(
+            init
+        )
+        if pissa and quant:
+            check_quantised_pissa(
+                base, init, bool(getattr(peft_model.peft_config[adapter], "use_dora", False))
             )
+            return
+        raise ValueError(
+            f"init_lora_weights={init!r} on a quantised base ({quant[0] if quant else method}) — "
+            f"{start.reason}: its residual cannot be stored exactly in quantised weights and BA-LoRA supports "
+            "only PiSSA there (QPiSSA on a 4-bit bitsandbytes base, balora_plugins.core.get_qpissa_model). Load "
+            "the base unquantised, use init_lora_weights='pissa' / 'pissa_niter_N' on a 4-bit base, or plain LoRA "
+            "init (init_lora_weights=True)."
+        )

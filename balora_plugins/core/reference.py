@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .quantized import dequantized_weight, is_4bit_layer
 
 REF_ADAPTER = "balora_ref"
 # PEFT's LoRA inits that rewrite the frozen base weight when the adapter is created (peft 0.20 - 0.21,
@@ -43,6 +44,11 @@ _START_ATTR = "_balora_adapter_start"  # the decision of prepare_reference, kept
 # SmolLM2-135M's projections, r = 8 and 128: <= 4e-6 with W_res in fp32, ~2e-3 in bf16; 0.5 - 1.3 for the adapter
 # of another pissa_niter_4 run or a random one.
 _PISSA_SIGNATURE_TOL = 0.05
+# On a 4-bit residual Q(W_res) = W_res + E the signature is about the relative rounding error ‖E‖/‖W_res‖ (B0ᵀ·E
+# does not vanish). Measured on a random width-64 Llama (r = 4, 16): QPiSSA pairs nf4 0.06 - 0.11, fp4 0.09 - 0.15;
+# a random adapter on the same 4-bit bases 0.5 - 1.24. On SmolLM2-135M's projections (pissa_niter_4): nf4 r = 8
+# 0.06 - 0.15, r = 128 0.08 - 0.11; fp4 r = 8 0.09 - 0.20; a random adapter 0.64 - 1.22.
+_PISSA_SIGNATURE_TOL_4BIT = 0.3
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -125,7 +131,7 @@ def adapter_start(peft_model: nn.Module, adapter: str = "default") -> AdapterSta
             "the adapter adds nothing at the start (B0·A0 = 0), so the base is the pre-trained model",
         )
     worst = _pissa_signature(pairs)
-    if worst <= _PISSA_SIGNATURE_TOL:
+    if worst <= 1.0:
         return AdapterStart(
             init,
             True,
@@ -169,8 +175,11 @@ def _adds_something(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _base_matrix(m: nn.Module) -> torch.Tensor | None:
-    """The (d_out, d_in) weight of a LoRA ``Linear``'s plain ``nn.Linear`` / Conv1D base layer, else None."""
+    """The (d_out, d_in) weight of a LoRA ``Linear``'s plain ``nn.Linear`` / Conv1D base layer (a 4-bit one
+    de-quantised), else None."""
     base = m.get_base_layer() if hasattr(m, "get_base_layer") else None
+    if base is not None and is_4bit_layer(base) and hasattr(m, "lora_A"):
+        return dequantized_weight(base)
     w = getattr(base, "weight", None)
     if w is None or w.dim() != 2 or not w.is_floating_point() or not hasattr(m, "lora_A"):
         return None
@@ -206,9 +215,17 @@ def pissa_signature(a: torch.Tensor, b: torch.Tensor, m: nn.Module) -> float:
     return min(left, right)
 
 
+def signature_tolerance(m: nn.Module) -> float:
+    """The largest :func:`pissa_signature` of a PiSSA pair on layer ``m``'s base: larger on a 4-bit residual,
+    whose rounding error B0 does not annihilate."""
+    base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
+    return _PISSA_SIGNATURE_TOL_4BIT if is_4bit_layer(base) else _PISSA_SIGNATURE_TOL
+
+
 def _pissa_signature(pairs) -> float:
-    """The largest :func:`pissa_signature` over ``pairs`` (``(name, A, B, layer)``)."""
-    return max((pissa_signature(a, b, m) for _, a, b, m in pairs), default=0.0)
+    """The largest :func:`pissa_signature` over ``pairs`` (``(name, A, B, layer)``), each divided by its layer's
+    :func:`signature_tolerance` (so <= 1 means a PiSSA pair everywhere)."""
+    return max((pissa_signature(a, b, m) / signature_tolerance(m) for _, a, b, m in pairs), default=0.0)
 
 
 def _unknown_start(start: AdapterStart, *, with_ref_model: bool = False) -> ValueError:
@@ -405,17 +422,17 @@ def restore_residual_base(
             delta = s * (b0.float() @ a0.float()) - new
             if float(delta.norm()) <= rtol * max(float(new.norm()), 1e-12):
                 continue
-            if pissa_signature(a, b, m) <= _PISSA_SIGNATURE_TOL:  # already the checkpoint's base
+            if pissa_signature(a, b, m) <= signature_tolerance(m):  # already the checkpoint's base
                 continue
             w = m.get_base_layer().weight
             if type(m.get_base_layer()) is not nn.Linear or hasattr(w, "full_tensor") or hasattr(w, "ds_id"):
                 raise refuse(
                     name, "this base cannot be corrected in place (sharded, quantised or not a Linear)"
                 )
-            was_pissa = pissa_signature(a0, b0, m) <= _PISSA_SIGNATURE_TOL
+            was_pissa = pissa_signature(a0, b0, m) <= signature_tolerance(m)
             old = w.detach().clone()
             w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-            if was_pissa and pissa_signature(a, b, m) > _PISSA_SIGNATURE_TOL:
+            if was_pissa and pissa_signature(a, b, m) > signature_tolerance(m):
                 w.copy_(old)
                 raise refuse(
                     name, "this run's adapter was not at its initial values, so the base cannot be restored"

@@ -6,8 +6,9 @@
    --launcher python`` there (HF_HUB_OFFLINE=1, AXOLOTL_DO_NOT_TRACK=1).
 3. Checks that the BA-LoRA metrics appear in axolotl's logs, that training saved the BA-LoRA artefacts, and
    that ``output_dir`` — loaded with PEFT on the *untouched* base checkpoint, and merged by
-   ``axolotl merge-lora tiny-cpu-balora.yml`` — gives the trained model's logits, computed independently as
-   the residual base W − s·B₀A₀ plus the trained adapter in ``balora_resume/``.
+   ``axolotl merge-lora tiny-cpu-balora.yml`` (for QPiSSA, 4 bits: ``balora export --merge``) — gives the trained
+   model's logits, computed independently as the full-precision residual base W − s·B₀A₀ plus the trained adapter
+   in ``balora_resume/`` (for QPiSSA: the trained model without the residual's 4-bit rounding).
 
 Usage: ``python integrations/axolotl/run_tiny.py [--workdir DIR] [--set KEY=VALUE ...] [--hidden N]`` (a temporary
 folder by default; ``--set`` overrides a key of the YAML, e.g. ``--set sample_packing=true``). Besides the metrics
@@ -258,7 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
     if json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is not True:
         raise AssertionError(f"{out} does not hold the plain LoRA adapter at its root")
     tags = check_card(workdir)
-    if residual:
+    if residual and cfg.get("load_in_4bit"):
+        # QPiSSA: axolotl's merge-lora simulates NF4 on the base for qlora configs (Q(W) + ΔW), while the root
+        # is ΔW for the full-precision W; `balora export --merge` merges it into the untouched base
+        from balora_plugins.core import export_merged
+
+        export_merged(str(out), str(out / "merged"), base=str(workdir / "tiny-llama"))
+    elif residual:
         run_axolotl(
             workdir, "merge-lora"
         )  # merges output_dir (its lora_model_dir default) into output_dir/merged

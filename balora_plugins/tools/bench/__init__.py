@@ -13,6 +13,9 @@ One run, one model, one micro-batch (``python -m balora_plugins.tools.bench --he
   the first step and one timed step.
 * **NLU**: a random classifier of all-MiniLM-L6-v2's shape with the ``iclr2026-nlu`` preset — (a), (b) with a
   reference forward every step, and (b) with ``reference_cache=True`` timed from the batch's second epoch.
+* **4-bit base** (``--no-qlora`` skips it; needs bitsandbytes): (a), (b) and (c) again on the same model loaded
+  in 4 bits (bitsandbytes nf4) with QPiSSA — PiSSA of the full-precision weights, the residual re-quantised
+  (docs/qlora.md); (c)'s second model is the full-precision pre-trained one, as the authors load it.
 
 Each variant runs in a fresh subprocess (``--in-process`` to run them here), builds the same random model of
 the chosen shape (or loads ``--model``) with the same seed — the PiSSA initialisation is computed once and
@@ -35,7 +38,7 @@ memory), :mod:`.variants`, :mod:`.regularizers`, :mod:`.table` (document, target
 (orchestration, :func:`main`).
 """
 
-from .args import NLU_VARIANTS, SHAPES, VARIANTS, build_parser
+from .args import NLU_VARIANTS, Q4_VARIANTS, SHAPES, VARIANTS, build_parser
 from .measure import MemoryMeter, peak_from_trace
 from .regularizers import run_regularizers
 from .run import main
@@ -44,6 +47,7 @@ from .variants import authors_regularizer, run_nlu_variant, run_variant
 
 __all__ = [
     "NLU_VARIANTS",
+    "Q4_VARIANTS",
     "SHAPES",
     "TARGETS",
     "VARIANTS",

@@ -11,6 +11,11 @@ VARIANTS: dict[str, str] = {
     "b": "BA-LoRA, this package (fused, snapshot reference)",
     "c": "authors' approach (2nd model, full logits)",
 }
+Q4_VARIANTS: dict[str, str] = {
+    "a": "QPiSSA on a 4-bit base, no regularizer",
+    "b": "BA-LoRA on the same 4-bit base (step-0 reference)",
+    "c": "authors' approach on it (2nd fp model, full logits)",
+}
 NLU_VARIANTS: dict[str, str] = {
     "a": "PiSSA-LoRA classifier, no regularizer (baseline)",
     "b": "BA-LoRA NLU, reference forward every step",
@@ -101,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(b) with reference_cache=True timed after the first step (the batch's first epoch)",
     )
     g.add_argument("--no-nlu", action="store_true", help="skip the NLU variants")
+    g = p.add_argument_group(
+        "4-bit base (QLoRA / QPiSSA)",
+        "the causal LM's (a), (b), (c) again on a bitsandbytes 4-bit nf4 base with QPiSSA (PiSSA of the "
+        "full-precision weights, residual re-quantised); (c) adds the authors' second, full-precision model",
+    )
+    g.add_argument("--no-qlora", action="store_true", help="skip the 4-bit variants (needs bitsandbytes)")
+    g.add_argument("--only-qlora", action="store_true", help="run the 4-bit variants only")
     g.add_argument("--nlu-batch", type=int, default=32, help="examples per micro-batch")
     g.add_argument("--nlu-seq-len", type=int, default=128, help="tokens per example")
     g.add_argument("--nlu-rank", type=int, default=8, help="LoRA r of the classifier (the demo's: 8)")
@@ -126,6 +138,8 @@ def validate(args: argparse.Namespace) -> None:
         )
     if not 0.0 <= args.prompt_frac < 1.0:
         raise SystemExit(f"balora bench: --prompt-frac={args.prompt_frac} must be in [0, 1).")
+    if args.only_qlora and args.no_qlora:
+        raise SystemExit("balora bench: --only-qlora and --no-qlora exclude each other; pass one.")
     if args.softcap < 0:
         raise SystemExit(
             f"balora bench: --softcap={args.softcap} must be >= 0 (0 skips the soft-capped head)."

@@ -175,6 +175,41 @@ def add_pissa(model, args: argparse.Namespace, task: str = "nlg"):
     return peft_model
 
 
+def add_qpissa(model, args: argparse.Namespace, dtype: str):
+    """QPiSSA of ``model`` (the pre-trained causal LM, deleted by the caller afterwards): it is saved once into
+    ``--model-cache`` (or a temporary folder), loaded from there with bitsandbytes 4-bit nf4 (compute dtype
+    ``dtype``), and the PiSSA adapter (``--init``, r = ``--rank``) is factorised from the saved full-precision
+    weights with the residual re-quantised (``balora_plugins.core.get_qpissa_model``)."""
+    import tempfile
+
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from balora_plugins.core import get_qpissa_model
+
+    folder = os.path.join(args.model_cache or tempfile.mkdtemp(prefix="balora-bench-q4-"), "q4_base")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        model.save_pretrained(folder + ".tmp")
+        os.replace(folder + ".tmp", folder)
+    q4 = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype)
+    )
+    quantised = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=q4, device_map=str(args.device), dtype=torch_dtype(dtype)
+    )
+    cfg = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha if args.alpha is not None else args.rank,
+        lora_dropout=0.0,
+        target_modules=NLG_TARGETS,
+        init_lora_weights=args.init,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_qpissa_model(quantised, cfg)
+    peft_model.train()
+    return peft_model
+
+
 def balora_config(args: argparse.Namespace, task: str = "nlg", **overrides: Any):
     """The preset the variants run (``iclr2026-nlg`` / ``iclr2026-nlu``) with constant schedules."""
     from balora_plugins import BALoRAConfig

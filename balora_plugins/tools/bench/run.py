@@ -4,6 +4,7 @@ fresh subprocess of ``python -m balora_plugins.tools.bench --worker JOB`` (or he
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .args import NLU_VARIANTS, VARIANTS, also_dtype, build_parser, log, validate, with_changes
+from .args import NLU_VARIANTS, Q4_VARIANTS, VARIANTS, also_dtype, build_parser, log, validate, with_changes
 from .build import model_shape
 from .regularizers import run_regularizers
 from .table import format_table, meta, summarise
@@ -65,16 +66,24 @@ def worker(args: argparse.Namespace, job: str) -> dict[str, Any]:
         return run_regularizers(args, args.batch * args.seq_len, s["vocab"], s["hidden"])
     if job.startswith("nlu:"):
         return run_nlu_variant(job[4:], args)
+    if job.startswith("q4:"):
+        return run_variant(job[3:], args, four_bit=True)
     variant, _, dtype = job.partition("@")
     return run_variant(variant, args, dtype or None)
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(job, progress label) in the order they run."""
+    four_bit = [(f"q4:{v}", f"4-bit ({v}) {Q4_VARIANTS[v]}") for v in Q4_VARIANTS if v in args.variants]
+    if not importlib.util.find_spec("bitsandbytes") or args.no_qlora:
+        four_bit = []
+    if args.only_qlora:
+        return four_bit
     out = [(v, f"variant ({v}) {VARIANTS[v]}") for v in VARIANTS if v in args.variants]
     second = also_dtype(args)
     if second:
         out += [(f"{v}@{second}", f"variant ({v}) in {second}") for v in "ab" if v in args.variants]
+    out += four_bit
     if not args.no_nlu:
         out += [(f"nlu:{v}", f"NLU ({v}) {NLU_VARIANTS[v]}") for v in NLU_VARIANTS]
     if not args.no_regularizers:
@@ -106,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     dtypes: dict[str, dict[str, dict[str, Any]]] = {}
     nlu: dict[str, dict[str, Any]] = {}
+    q4: dict[str, dict[str, Any]] = {}
     regs = None
+    if not args.no_qlora and importlib.util.find_spec("bitsandbytes") is None:
+        log(args, "bitsandbytes is not installed: the 4-bit variants are skipped (pip install bitsandbytes)")
     try:
         for job, label in jobs(args):
             log(args, f"{label} ...")
@@ -117,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
                 regs = r
             elif job.startswith("nlu:"):
                 nlu[job[4:]] = r
+            elif job.startswith("q4:"):
+                q4[job[3:]] = r
             elif "@" in job:
                 dtypes.setdefault(job.split("@")[1], {})[job.split("@")[0]] = r
             else:
                 results[job] = r
     finally:
         cache.cleanup()
-    doc = summarise(results, regs, {**meta(args), "wall_s": None}, dtypes, nlu)
+    doc = summarise(results, regs, {**meta(args), "wall_s": None}, dtypes, nlu, q4)
     doc["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     doc["meta"]["also_dtype"] = also_dtype(args)
     print(format_table(doc))

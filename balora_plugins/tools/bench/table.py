@@ -8,7 +8,7 @@ import platform
 import time
 from typing import Any
 
-from .args import NLU_VARIANTS, VARIANTS, dtype_name
+from .args import NLU_VARIANTS, Q4_VARIANTS, VARIANTS, dtype_name
 from .build import balora_config, model_shape, nlu_shape
 
 # The project's targets, defined on the default CPU configuration: label -> (path of the figure in the JSON
@@ -28,6 +28,11 @@ TARGETS: dict[str, tuple[tuple[str, ...], str, float]] = {
     "SVD term <= 5% of (b) step": (("terms", "svd_share"), "<=", 0.05),
     "regularizer memory fused/plain < 1/8": (("regularizers", "fused/plain"), "<", 0.125),
     "SVD term < KL term (fused)": (("regularizers", "svd/kl"), "<", 1.0),
+    "4-bit base (QPiSSA): peak memory b/a <= 1.10": (
+        ("four_bit", "ratios", "peak_memory", "b/a"),
+        "<=",
+        1.10,
+    ),
     "NLU step time with the reference cache b/a <= 1.1": (
         ("nlu", "ratios", "step_time", "b_cache/a"),
         "<=",
@@ -73,9 +78,11 @@ def summarise(
     meta: dict[str, Any],
     dtypes: dict[str, dict[str, dict[str, Any]]] | None = None,
     nlu: dict[str, dict[str, Any]] | None = None,
+    four_bit: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The JSON document: per-variant medians, the ratios b/a, c/a, c/b, (b)'s terms, the regularizers alone,
-    (a) and (b) in other dtypes (``dtypes``: dtype -> variant -> results), the NLU variants, the targets."""
+    (a) and (b) in other dtypes (``dtypes``: dtype -> variant -> results), the NLU variants, the variants on a
+    4-bit QPiSSA base (``four_bit``), the targets."""
     doc: dict[str, Any] = {
         "meta": meta,
         "variants": results,
@@ -104,6 +111,8 @@ def summarise(
         doc["dtypes"] = {d: {"variants": r, "ratios": ratios(r, ("b/a",))} for d, r in dtypes.items()}
     if nlu:
         doc["nlu"] = {"variants": nlu, "ratios": ratios(nlu, ("b/a", "b_cache/a", "b_cache/b"))}
+    if four_bit:
+        doc["four_bit"] = {"variants": four_bit, "ratios": ratios(four_bit, ("b/a", "c/a", "c/b"))}
     doc["targets"] = check_targets(doc)
     return doc
 
@@ -161,11 +170,9 @@ def format_table(doc: dict[str, Any]) -> str:
         f"balora bench — {meta['model']} · {meta['tokens']} tokens/micro-batch ({meta['batch']}×{meta['seq_len']}) · "
         f"r=α={meta['rank']} · {meta['device']} {meta['dtype']} · {meta['threads']} thread(s) · "
         f"median of {meta['steps']} steps after {meta['warmup']} warm-up",
-        "",
-        *_variant_rows(res, VARIANTS),
-        "",
-        *_ratio_rows(rat, ("b/a", "c/a", "c/b")),
     ]
+    if res:  # not with --only-qlora
+        lines += ["", *_variant_rows(res, VARIANTS), "", *_ratio_rows(rat, ("b/a", "c/a", "c/b"))]
     paired = res.get("b", {}).get("paired")
     if paired:
         lines.append(
@@ -222,6 +229,14 @@ def format_table(doc: dict[str, Any]) -> str:
                 f"  reference cache: {cache['examples']} examples, {cache['bytes']:,} bytes of logits, "
                 f"{cache['hits']} hits, {cache['misses']} misses"
             )
+    if "four_bit" in doc:
+        lines += [
+            "",
+            f"4-bit base: bitsandbytes nf4 (compute {meta['dtype']}), QPiSSA r=α={meta['rank']}, same micro-batch; "
+            "(c)'s second model is the full-precision pre-trained one",
+            *_variant_rows(doc["four_bit"]["variants"], Q4_VARIANTS),
+            *_ratio_rows(doc["four_bit"]["ratios"], ("b/a", "c/a", "c/b")),
+        ]
     b, c = res.get("b", {}).get("last"), res.get("c", {}).get("last")
     if b and c:
         lines += [

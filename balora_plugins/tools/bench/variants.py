@@ -8,9 +8,10 @@ import statistics
 import time
 from typing import Any
 
-from .args import NLU_VARIANTS, VARIANTS, dtype_name, log
+from .args import NLU_VARIANTS, Q4_VARIANTS, VARIANTS, dtype_name, log
 from .build import (
     add_pissa,
+    add_qpissa,
     balora_config,
     build_classifier,
     build_model,
@@ -68,23 +69,28 @@ def authors_regularizer(student_logits, ref_logits, labels, cfg) -> tuple[Any, d
     return total, metrics
 
 
-def run_variant(variant: str, args: argparse.Namespace, dtype: str | None = None) -> dict[str, Any]:
+def run_variant(
+    variant: str, args: argparse.Namespace, dtype: str | None = None, *, four_bit: bool = False
+) -> dict[str, Any]:
     """Build, warm up and time one NLG variant in this process (in ``dtype``, default the main dtype); returns its
-    measurements, with (b)'s per-term timings in the main dtype."""
+    measurements, with (b)'s per-term timings in the main dtype. ``four_bit``: the base is loaded in 4 bits
+    with QPiSSA (:func:`~.build.add_qpissa`); (c)'s second model stays full precision, as the authors load it."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = dtype or dtype_name(args)
-    tag = variant if dtype == dtype_name(args) else f"{variant}, {dtype}"
+    tag = ("4-bit " if four_bit else "") + (variant if dtype == dtype_name(args) else f"{variant}, {dtype}")
     say = lambda msg: log(args, f"({tag}) {msg}")  # noqa: E731
     t_build = time.perf_counter()
     base = build_model(args, dtype)
-    vocab = base.get_output_embeddings().weight.shape[0]
-    model = add_pissa(base, args)
+    vocab, hidden = base.get_output_embeddings().weight.shape
+    n_params = sum(p.numel() for p in base.parameters())
+    model = add_qpissa(base, args, dtype) if four_bit else add_pissa(base, args)
+    del base  # 4 bits: only the quantised model stays (add_pissa wrapped the base in place)
     batch = make_batch(args, vocab)
     say(
-        f"model ready in {time.perf_counter() - t_build:.1f} s ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M "
+        f"model ready in {time.perf_counter() - t_build:.1f} s ({n_params / 1e6:.1f}M "
         f"params, {args.batch}×{args.seq_len} tokens, r={args.rank}); measuring memory"
     )
     meter = MemoryMeter(args.device)
@@ -128,15 +134,15 @@ def run_variant(variant: str, args: argparse.Namespace, dtype: str | None = None
     warmup, steps = (args.warmup, args.steps) if main else (1, 1)  # a second dtype: its memory and one step
     result: dict[str, Any] = {
         "variant": variant,
-        "name": VARIANTS[variant],
+        "name": (Q4_VARIANTS if four_bit else VARIANTS)[variant],
         "dtype": dtype,
         **time_steps(step, meter, warmup, steps, args.device, say),
         "last": last,
         "vocab": vocab,
-        "hidden": base.get_output_embeddings().weight.shape[1],
+        "hidden": hidden,
         "tokens": args.batch * args.seq_len,
     }
-    if variant == "b" and main:
+    if variant == "b" and main and not four_bit:
         result["paired"] = paired_steps(model, objective, batch, opt, args, say)
         result["terms"] = term_timings(model, objective, batch, args, say)
     return result
