@@ -351,13 +351,12 @@ def export_merged(
         AutoTokenizer,
     )
 
-    refuse_quantised_merge_base(AutoConfig.from_pretrained(base), base)
-
     load_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         say(f"converting {adapter_dir} to a plain LoRA adapter")
         plain = export_plain_lora(adapter_dir, os.path.join(tmp, "plain_lora"))
-        say(f"loading the base model {base} (dtype {dtype})")
+        say(f"loading the base model {base} (dtype {dtype})")  # the CLI blames --base for failures from here
+        refuse_quantised_merge_base(AutoConfig.from_pretrained(base), base)
         if cfg.get("task_type") == "SEQ_CLS":
             num_labels = _num_labels(plain)
             model = AutoModelForSequenceClassification.from_pretrained(
