@@ -11,6 +11,7 @@ instead); and the fused head must reproduce the model's own logits (:func:`check
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -323,3 +324,66 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
                 "so the reference is not the pre-trained model. Load the base unquantised, or use plain LoRA init "
                 "(init_lora_weights=True)."
             )
+
+
+# ---------------------------------------------------------------------------------------------- classifier heads
+def classifier_head(peft_model: nn.Module) -> list[nn.Module]:
+    """The trained modules of a classifier that lie outside its pre-trained backbone (``base_model_prefix``, e.g.
+    ``bert``): the head — PEFT's ``modules_to_save`` wrapper of ``classifier`` / ``score`` (and of a pooler outside
+    the backbone, as DeBERTa's), or a LoRA layer on it. Empty when the head is frozen."""
+    base = peft_model.get_base_model()
+    backbone = getattr(base, getattr(base, "base_model_prefix", "") or "", None)
+    inside = set()
+    if isinstance(backbone, nn.Module) and backbone is not base:
+        inside = {id(m) for m in backbone.modules()}
+    found: list[nn.Module] = []
+    covered: set[int] = set()
+    for m in base.modules():
+        if id(m) in inside or id(m) in covered or not hasattr(m, "_active_adapter"):
+            continue
+        found.append(m)
+        covered.update(id(sub) for sub in m.modules())
+    return found
+
+
+def classifier_head_is_new(base: nn.Module) -> bool:
+    """Whether a classifier's head was not in the checkpoint it was loaded from: the checkpoint's config names
+    other architectures (``BertModel`` for a ``BertForSequenceClassification``), so transformers initialised the
+    head randomly — or the model was built from a config (no architectures recorded)."""
+    return type(base).__name__ not in (getattr(base.config, "architectures", None) or [])
+
+
+def new_head_warning(peft_model: nn.Module, config: BALoRAConfig) -> str | None:
+    """The warning for the paper's NLU reference on a new classifier head (None when it does not apply).
+
+    With ``reference_head='initial'`` the reference is the pre-trained backbone with the step-0 head; when that
+    head is new (:func:`classifier_head_is_new`) and trained, the consistency term pulls towards a random head.
+    """
+    base = peft_model.get_base_model()
+    if (
+        config.task != "nlu"
+        or config.reference_head != "initial"
+        or not config.lambda_consistency > 0
+        or not classifier_head(peft_model)
+        or not classifier_head_is_new(base)
+    ):
+        return None
+    archs = getattr(base.config, "architectures", None)
+    origin = f"the checkpoint's config names {archs}" if archs else "the model was built from a config"
+    weight = config.lambda_consistency * config.consistency_temperature**2
+    return (
+        f"BA-LoRA: {type(base).__name__}'s classifier head is new ({origin}, so the head started random), and "
+        "BALoRAConfig.reference_head='initial' (the paper's formula) reads the reference through that step-0 head. "
+        f"The consistency term (weight λ1·T² = {weight:g}) then pulls the predictions towards a near-uniform random "
+        "head — a confidence penalty plus that head's random class bias — and cannot preserve pre-trained knowledge "
+        "the head never had. To anchor the pre-trained representation instead, set reference_head='current' "
+        "(preset 'iclr2026-nlu-current-head'; docs/method.md, Classifiers with a new head)."
+    )
+
+
+def warn_new_head(peft_model: nn.Module, config: BALoRAConfig) -> bool:
+    """Emit :func:`new_head_warning` when it applies; returns whether it did."""
+    text = new_head_warning(peft_model, config)
+    if text is not None:
+        warnings.warn(text, UserWarning, stacklevel=3)
+    return text is not None

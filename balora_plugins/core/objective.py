@@ -33,9 +33,11 @@ from .model import (
     check_head_reproduces_logits,
     check_reference_head,
     check_trained_parameters,
+    classifier_head,
     output_head,
     replay_backbone,
     validate_model,
+    warn_new_head,
 )
 from .plugins import collect_terms
 from .refcache import ReferenceCache, reference_state
@@ -108,6 +110,8 @@ class BALoRAObjective:
         self._in_reference = False
         self.skipped: dict[str, int] = {}
         self.num_classes: int | None = None
+        self._head_kept: list[nn.Module] = []  # NLU, reference_head='current': the head the reference reads through
+        self._head_warned = False
         # NLU only (the config refuses it for NLG): reference logits per example, exact (core/refcache.py)
         self.reference_cache = ReferenceCache() if self.config.reference_cache else None
 
@@ -128,6 +132,12 @@ class BALoRAObjective:
         mode = ref.resolve_mode(self.config.reference, peft_model, self.ref_model, self.adapter_name)
         if mode != "model":
             check_trained_parameters(peft_model, self.adapter_name)
+        elif self.config.reference_head == "current":
+            raise ValueError(
+                "BALoRAConfig.reference_head='current' reads the reference's features through the head being "
+                "trained, which a separate ref_model does not hold. Omit ref_model (the adapter snapshot or the "
+                "disabled adapter is the pre-trained backbone) or set reference_head='initial'."
+            )
         base = peft_model.get_base_model()
         backbone, path = self._backbone, self._backbone_path
         if self.config.task == "nlg":
@@ -141,6 +151,9 @@ class BALoRAObjective:
         else:
             self.num_classes = int(base.config.num_labels)
             self.config.check_num_classes(self.num_classes)
+            if not self._head_warned:  # once per objective, at construction (prepare runs again at train begin)
+                self._head_warned = warn_new_head(peft_model, self.config)
+            self._head_kept = classifier_head(peft_model) if self.config.reference_head == "current" else []
         # then install
         self._peft_model = peft_model
         self.mode = ref.prepare_reference(
@@ -229,7 +242,7 @@ class BALoRAObjective:
             with torch.no_grad():
                 return self.ref_model(**fwd).logits
         inner = ref.unwrap(model)
-        with ref.reference_mode(inner, self.mode):
+        with ref.reference_mode(inner, self.mode, keep=self._head_kept):
             return inner(**fwd).logits
 
     # ------------------------------------------------------------------ the loss

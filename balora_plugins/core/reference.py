@@ -24,7 +24,7 @@ import copy
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -425,18 +425,26 @@ def restore_residual_base(
 
 
 @contextlib.contextmanager
-def reference_mode(model: nn.Module, mode: str, ref_adapter: str = REF_ADAPTER) -> Iterator[None]:
-    """Run the enclosed forward as the pre-trained reference (see module docstring); restores all state."""
+def reference_mode(
+    model: nn.Module, mode: str, ref_adapter: str = REF_ADAPTER, keep: Collection[nn.Module] = ()
+) -> Iterator[None]:
+    """Run the enclosed forward as the pre-trained reference (see module docstring); restores all state.
+
+    ``keep``: modules (with everything inside them) left on the trained adapter — a classifier's current head
+    under ``BALoRAConfig.reference_head='current'``; they still run in eval mode and without gradient.
+    """
+    kept = {id(sub) for m in keep for sub in m.modules()}
+    tuners = [m for m in _tuner_modules(model) if id(m) not in kept]
     training = [(m, m.training) for m in model.modules()]
     saved = []
     try:
         model.eval()
         if mode == "adapter_snapshot":
-            for m in _tuner_modules(model):
+            for m in tuners:
                 saved.append((m, "_active_adapter", m._active_adapter))
                 m._active_adapter = [ref_adapter] if isinstance(m._active_adapter, list) else ref_adapter
         elif mode == "disabled_adapter":
-            for m in _tuner_modules(model):
+            for m in tuners:
                 saved.append((m, "_disable_adapters", m._disable_adapters))
                 m._disable_adapters = True
         with torch.no_grad():
