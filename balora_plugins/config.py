@@ -377,17 +377,28 @@ class BALoRAConfig:
         return 1.0
 
     def check_num_classes(self, num_classes: int) -> bool:
-        """Warn (and return False) when the NLU SVD share is identically 1 for ``num_classes`` classes."""
-        if self.task == "nlu" and self.lambda_svd > 0 and self.svd_top_k >= num_classes:
-            warnings.warn(
-                f"BALoRAConfig.svd_top_k={self.svd_top_k} >= number of classes ({num_classes}): the NLU SVD share "
-                "Σ_{i≤k}σ_i/Σσ is identically 1, so lambda_svd has no effect and is skipped. "
-                f"Set svd_top_k < {num_classes} or lambda_svd=0.",
-                UserWarning,
-                stacklevel=2,
-            )
-            return False
-        return True
+        """Warn when k >= ``num_classes`` for the NLU SVD term; return False when the term is then skipped.
+
+        With the nuclear norm the share Σ_{i≤k}σ_i/Σσ is identically 1 (no gradient: skipped, logged with λ = 0).
+        With the Frobenius norm the term runs, but over every singular value: −Σσ/‖Z‖_F, which is lowest when the
+        singular values are equal, so it flattens the spectrum instead of concentrating it.
+        """
+        if self.task != "nlu" or not self.lambda_svd > 0 or self.svd_top_k < num_classes:
+            return True
+        nuclear = self.resolved_svd_norm == "nuclear"
+        effect = (
+            "the NLU SVD share Σ_{i≤k}σ_i/Σσ is identically 1, so lambda_svd has no effect and the term is skipped"
+            if nuclear
+            else "with svd_norm='frobenius' the term still runs, over every singular value: −Σσ/‖Z‖_F is lowest "
+            "when all singular values are equal, so it flattens the spectrum instead of concentrating it"
+        )
+        warnings.warn(
+            f"BALoRAConfig.svd_top_k={self.svd_top_k} >= number of classes ({num_classes}): {effect}. "
+            f"Set svd_top_k < {num_classes} or lambda_svd=0.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return not nuclear
 
     # ------------------------------------------------------------------ presets
     @classmethod

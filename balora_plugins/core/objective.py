@@ -193,6 +193,11 @@ class BALoRAObjective:
     def _capture(self, module, args, kwargs, output) -> None:
         if self._in_reference:
             return
+        if module.training and not torch.is_grad_enabled():
+            # While training, only a forward that carries gradient is the student's: TRL 1.16 computes a label-
+            # smoothed or compute_loss_func loss on one forward, then runs a second one under no_grad for its
+            # metrics (and a third with return_outputs); keeping the last would leave the terms without gradient.
+            return
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         # Did the student's forward end up with a KV cache? (use_cache comes from the config and is switched off
         # under gradient checkpointing inside the backbone.) The reference forward does the same, see below.
@@ -236,7 +241,9 @@ class BALoRAObjective:
             self._in_reference = False
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def _reference_logits(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    def reference_logits(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """NLU: the reference's classifier logits (B, C) for ``inputs`` (no grad): the pre-trained backbone read
+        through the step-0 head, or through the current head under ``reference_head='current'``."""
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
         if self.mode == "model":
             with torch.no_grad():
@@ -305,7 +312,10 @@ class BALoRAObjective:
             row_terms = [t for t in self.terms if t.level == ROW and weights[t.name] > 0]
             loss = loss + self._row_loss(row_terms, rows, ref_rows, weights, scaling, by_items, m, metrics)
             for t in self.terms:
-                if t.level != MATRIX or weights[t.name] <= 0 or t.is_noop(*view.shape):
+                if t.level != MATRIX or weights[t.name] <= 0:
+                    continue
+                if t.is_noop(*view.shape):  # constant for this shape: skipped, so its effective weight is 0
+                    metrics[f"balora/lambda_{t.name}"] = 0.0
                     continue
                 try:
                     value = t.matrix(view)
@@ -316,7 +326,21 @@ class BALoRAObjective:
                 loss = loss + scaling.matrix_weight(weights[t.name]) * value
                 self._record(metrics, t.name, float(value.detach()), weights[t.name])
         metrics["balora/loss"] = float(sum((v for k, v in metrics.items() if k.endswith("_weighted")), 0.0))
+        self._check_gradient(model, loss, weights, metrics)
         return loss, metrics
+
+    def _check_gradient(self, model, loss: torch.Tensor, weights, metrics: dict[str, float]) -> None:
+        """Refuse to train on when a term with λ > 0 was computed but carries no gradient (the terms would be logged
+        as usual and act on nothing): a training forward under ``torch.no_grad``, or a host path BA-LoRA does not
+        know."""
+        active = [t.name for t in self.terms if weights[t.name] > 0 and f"balora/{t.name}" in metrics]
+        if not active or loss.requires_grad or not torch.is_grad_enabled() or not ref.unwrap(model).training:
+            return
+        raise RuntimeError(
+            f"BA-LoRA's terms {active} have λ > 0 but no gradient on this training micro-batch: they were computed "
+            "on a forward run without gradient, so they would be logged and never trained. Call the model with "
+            "gradients enabled before objective.compute (the trainers do), or report the host trainer and version."
+        )
 
     def reference_confidence(self, ref_rows: torch.Tensor) -> float:
         """c = 1 − clamp(H / log|V|, 0, 1), H the mean over rows of the entropy of softmax(Z_ref/T).
@@ -413,10 +437,10 @@ class BALoRAObjective:
             fwd = {k: v for k, v in inputs.items() if k != "labels"}
             state = reference_state(ref.unwrap(self.ref_model if self.mode == "model" else model))
             ref_logits = self.reference_cache.logits(
-                fwd, lambda sub: self._reference_logits(model, sub), state
+                fwd, lambda sub: self.reference_logits(model, sub), state
             )
         elif need_ref:
-            ref_logits = self._reference_logits(model, inputs)
+            ref_logits = self.reference_logits(model, inputs)
         return logits, ref_logits, LogitsView(logits), False
 
     # ------------------------------------------------------------------ helpers

@@ -126,11 +126,21 @@ def adapter_start(peft_model: nn.Module, adapter: str = "default") -> AdapterSta
         )
     worst = _pissa_signature(pairs)
     if worst <= _PISSA_SIGNATURE_TOL:
+        name, excess = max(((n, fresh_pair_excess(a, b)) for n, a, b, _ in pairs), key=lambda x: x[1])
+        if excess <= 1.0:
+            return AdapterStart(
+                init,
+                True,
+                f"the adapter was loaded pre-initialised (init_lora_weights={init!r}, lora_B non-zero) and is a "
+                "fresh PiSSA pair on its residual base (B0ᵀ·W_res = 0, A0·A0ᵀ = B0ᵀ·B0 diagonal)",
+            )
         return AdapterStart(
             init,
-            True,
-            f"the adapter was loaded pre-initialised (init_lora_weights={init!r}, lora_B non-zero) and is a PiSSA "
-            "pair on its residual base (B0ᵀ·W_res = 0)",
+            None,
+            f"adapter {adapter!r} (init_lora_weights={init!r}) sits on a residual base (B0ᵀ·W_res ≈ 0) but its factors "
+            f"are no longer a fresh pair (layer {name!r}: {excess:.3g}× the rounding tolerance of A·Aᵀ = Bᵀ·B "
+            "diagonal): a PiSSA adapter already trained, whose step-0 pair, and with it the pre-trained model, is "
+            "gone. To continue a BA-LoRA run, resume from its balora_resume/ folder (it keeps the initial adapter)",
         )
     return AdapterStart(
         init,
@@ -204,6 +214,60 @@ def pissa_signature(a: torch.Tensor, b: torch.Tensor, m: nn.Module) -> float:
         left = float((b32.T @ wx).norm() * math.sqrt(d_out) / left_den)
         right = float((yw @ a32.T).norm() * math.sqrt(d_in) / right_den)
     return min(left, right)
+
+
+# Rounding unit of the dtype a factor pair is stored in, read from its values (a pair saved in bf16 and loaded in
+# fp32 is still bf16-rounded), and the multiple of it that fresh_pair_excess allows.
+_ROUNDING = ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11))
+_FP32_ROUNDING = 2.0**-24
+_FRESH_PAIR_TOL = 2.0  # × the rounding unit, and at least _FRESH_PAIR_FLOOR
+_FRESH_PAIR_FLOOR = 1e-4
+
+
+def _rounding_unit(*tensors: torch.Tensor) -> float:
+    """The coarsest rounding unit the tensors' values are consistent with: bf16 if every value is a bf16 number
+    (a pair saved in bf16), else fp16, else fp32 (or the tensors' own dtype when coarser)."""
+    for dtype, unit in _ROUNDING:
+        if all(torch.equal(t, t.to(dtype).to(t.dtype)) for t in tensors):
+            return unit
+    return _FP32_ROUNDING
+
+
+def fresh_pair_deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far (A, B) — A (r, d_in), B (d_out, r) — is from the structure of a freshly initialised pair: 0 for one.
+
+    A PiSSA pair carries √S of the same singular values in both factors (A = √S·Vᵀ, B = U·√S, divided by the
+    scaling): A·Aᵀ = Bᵀ·B = diag(S/s). An OLoRA pair is Q_r, R_r of W's QR: Bᵀ·B = I and A upper trapezoidal. The
+    smaller of the two relative deviations (Frobenius norms): PiSSA, the largest of A·Aᵀ's and Bᵀ·B's
+    off-diagonal share and the difference of their diagonals; OLoRA, ‖Bᵀ·B − I‖/√r and A's share below its diagonal.
+    Training moves both factors and breaks the structure (measured in tests/test_silent_paths.py).
+    """
+    with torch.no_grad(), distributed.gathered([a, b]):
+        a64, b64 = (_full(t).detach().double() for t in (a, b))
+    ga, gb = a64 @ a64.T, b64.T @ b64
+    tiny = torch.finfo(torch.float64).tiny
+
+    def offdiag(g: torch.Tensor) -> float:
+        return float((g - torch.diag(torch.diag(g))).norm() / g.norm().clamp_min(tiny))
+
+    da, db = torch.diag(ga), torch.diag(gb)
+    pissa = max(offdiag(ga), offdiag(gb), float((da - db).norm() / db.norm().clamp_min(tiny)))
+    r = gb.shape[0]
+    eye = torch.eye(r, dtype=gb.dtype, device=gb.device)
+    olora = max(
+        float((gb - eye).norm()) / math.sqrt(r), float(torch.tril(a64, -1).norm() / a64.norm().clamp_min(tiny))
+    )
+    return min(pissa, olora)
+
+
+def fresh_pair_excess(a: torch.Tensor, b: torch.Tensor) -> float:
+    """:func:`fresh_pair_deviation` over its tolerance for the pair's rounding (≤ 1: a fresh pair).
+
+    The tolerance is 2× the rounding unit the factors' values show (bf16: 2⁻⁸, fp16: 2⁻¹¹), at least 1e-4 (fp32).
+    """
+    with torch.no_grad(), distributed.gathered([a, b]):
+        unit = _rounding_unit(_full(a).detach(), _full(b).detach())
+    return fresh_pair_deviation(a, b) / max(_FRESH_PAIR_TOL * unit, _FRESH_PAIR_FLOOR)
 
 
 def _pissa_signature(pairs) -> float:
