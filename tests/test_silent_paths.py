@@ -291,3 +291,71 @@ def test_a_lightly_trained_pissa_adapter_is_not_taken_for_a_fresh_pair(tmp_path)
     with pytest.raises(ValueError, match=r"cannot tell which base.*no longer a fresh pair.*already trained"):
         BALoRAObjective(BALoRAConfig(**NLG_ON)).prepare(model)
     assert list(model.peft_config) == ["default"]  # nothing added
+
+
+# ---------------------------------------------------------------------------------------------- 3. the head guard
+RECURRENT_GEMMA = dict(  # its logits_soft_cap keeps the default 30: transformers' RecurrentGemma applies it
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    lru_width=32,
+    attention_window_size=16,
+    block_types=["recurrent", "attention"],
+    num_hidden_layers=2,
+    head_dim=8,
+    pad_token_id=0,
+)
+
+
+def _recurrent_gemma(dtype=torch.float32, base_on_meta=False):
+    """A tiny RecurrentGemma with a LoRA adapter; ``base_on_meta``: its pre-trained weights on the meta device, the
+    adapter materialised (what a rank holds under a deferred load, e.g. FSDP's cpu_ram_efficient_loading)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "RecurrentGemmaForCausalLM"):
+        pytest.skip("this transformers has no RecurrentGemma")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = transformers.RecurrentGemmaConfig(**RECURRENT_GEMMA)
+    assert config.logits_soft_cap == 30.0
+    model = transformers.RecurrentGemmaForCausalLM(config).to(dtype).eval()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if base_on_meta:
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if ".default" not in name and not p.requires_grad:
+                    module._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+    return model
+
+
+def test_recurrent_gemma_soft_cap_is_refused_in_bf16_where_its_probe_logits_stay_small():
+    """A bf16 probe whose logits stay far below the cap (|z| < 1 with cap 30: tanh changes them by < 1e-3,
+    under bf16's tolerance) used to pass; the scaled second probe drives them to ~1000, where the cap shows."""
+    model = _recurrent_gemma(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"RecurrentGemmaForCausalLM is not supported by BA-LoRA's fused path"):
+        BALoRAObjective(BALoRAConfig(**NLG_ON)).prepare(model)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_recurrent_gemma_is_refused_by_its_config_when_the_weights_are_not_materialised():
+    """On the meta device (as under a partitioned / deferred load) no probe can run: the config key decides."""
+    model = _recurrent_gemma(base_on_meta=True)
+    assert model.get_base_model().lm_head.weight.is_meta
+    with pytest.raises(ValueError, match=r"cannot be checked.*logits_soft_cap=30\.0.*model_type 'recurrent_gemma'"):
+        BALoRAObjective(BALoRAConfig(**NLG_ON, reference="disabled_adapter")).prepare(model)
+
+
+def test_logit_transform_keys_name_what_the_fused_head_does_not_copy():
+    from transformers import Gemma2Config, LlamaConfig
+
+    from balora_plugins.core.model import logit_transform_keys
+
+    assert logit_transform_keys(LlamaConfig()) == {}
+    assert logit_transform_keys(Gemma2Config(final_logit_softcapping=30.0)) == {}  # copied; attention cap not on head
+    llama = LlamaConfig()
+    llama.lm_head_multiplier, llama.embedding_multiplier, llama.final_logit_softcapping = 4.0, 12.0, 50.0
+    assert logit_transform_keys(llama) == {"lm_head_multiplier": 4.0, "final_logit_softcapping": 50.0}
+    llama.lm_head_multiplier, llama.final_logit_softcapping = 1.0, None
+    assert logit_transform_keys(llama) == {}

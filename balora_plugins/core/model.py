@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,6 +85,8 @@ class Probe:
     logits: torch.Tensor
     hidden: torch.Tensor
     ran_outside: list[str]
+    scaled_logits: torch.Tensor | None = None
+    scaled_hidden: torch.Tensor | None = None
 
 
 def _probe_ids(base: nn.Module, n: int = 8) -> torch.Tensor:
@@ -104,20 +107,37 @@ def _probe_ids(base: nn.Module, n: int = 8) -> torch.Tensor:
     return torch.tensor([ids])
 
 
+PROBE_LOGITS = 1e3
+"""The size the second probe forward drives the logits to: beyond the soft-caps and scales models use (30, 50)."""
+
+
 def probe(peft_model: nn.Module, backbone: nn.Module, watched: dict[str, nn.Module]) -> Probe:
     """Run the model (adapter as it is) on a few tokens, no grad, every module in eval mode; restores the modules'
-    train/eval flags and the RNG. ``watched`` modules are checked to run inside ``backbone``'s forward."""
+    train/eval flags and the RNG. ``watched`` modules are checked to run inside ``backbone``'s forward.
+
+    A second forward multiplies the backbone's final hidden states by c = max(1, PROBE_LOGITS / max|logits|), so the
+    head sees inputs whose logits reach the regime where a soft-cap or a logit scale shows, whatever the dtype
+    (``scaled_hidden``, ``scaled_logits``).
+    """
     base = peft_model.get_base_model()
     device = next(p.device for p in base.parameters())
     ids = _probe_ids(base).to(device)
-    depth, seen, outside = [0], {}, []
+    depth, seen, outside, factor = [0], {}, [], [1.0]
 
     def enter(module, args):
         depth[0] += 1
 
     def leave(module, args, output):
         depth[0] -= 1
-        seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if factor[0] != 1.0:
+            hidden = hidden * factor[0]
+            if hasattr(output, "last_hidden_state"):
+                output.last_hidden_state = hidden  # a ModelOutput keeps its key and attribute in step
+            else:
+                output = (hidden, *output[1:])
+        seen["hidden"] = hidden
+        return output
 
     def watch(name):
         def hook(module, args):
@@ -134,12 +154,18 @@ def probe(peft_model: nn.Module, backbone: nn.Module, watched: dict[str, nn.Modu
         peft_model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            result = Probe(logits=out.logits, hidden=seen["hidden"], ran_outside=list(outside))
+            peak = float(out.logits.detach().float().abs().max())
+            if peak > 0 and peak < PROBE_LOGITS:
+                factor[0] = PROBE_LOGITS / peak
+                out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                result.scaled_logits, result.scaled_hidden = out.logits, seen["hidden"]
     finally:
         for h in handles:
             h.remove()
         for m, flag in training:
             m.training = flag
-    return Probe(logits=out.logits, hidden=seen["hidden"], ran_outside=outside)
+    return result
 
 
 def _trained_modules(base: nn.Module, adapter: str) -> dict[str, nn.Module]:
@@ -199,15 +225,22 @@ def replay_backbone(peft_model: nn.Module, adapter: str = "default") -> tuple[st
 
 def check_head_reproduces_logits(head: OutputHead, result: Probe, model: nn.Module) -> None:
     """Refuse a model whose own logits the fused head does not reproduce (on the probe: same forward, adapter as it
-    is). The fused head copies the head's weight and bias, ``logit_scale`` / ``logits_scaling`` and the final
-    soft-cap from the config; a model that transforms its logits otherwise (its own multipliers, a soft-cap under
-    another name) would have the terms act on other logits than the ones it produces."""
-    z = result.logits.detach().float()
-    hidden = result.hidden.detach()
-    fused = head.logits(hidden.reshape(-1, hidden.shape[-1])).reshape(z.shape)
-    err, scale = float((fused - z).abs().max()), float(z.abs().max())
+    is, and again with the hidden states scaled so the logits reach ~:data:`PROBE_LOGITS`, where a soft-cap or a
+    scale shows beyond bf16 rounding). The fused head copies the head's weight and bias, ``logit_scale`` /
+    ``logits_scaling`` and the final soft-cap from the config; a model that transforms its logits otherwise (its
+    own multipliers, a soft-cap under another name) would have the terms act on other logits than its own."""
     rtol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2  # bf16/fp16 logits are rounded to ~3 digits
-    if err <= rtol * scale + 1e-6:
+    pairs = [(result.logits, result.hidden)]
+    if result.scaled_logits is not None:
+        pairs.append((result.scaled_logits, result.scaled_hidden))
+    for logits, hidden in pairs:
+        z = logits.detach().float()
+        hidden = hidden.detach()
+        fused = head.logits(hidden.reshape(-1, hidden.shape[-1])).reshape(z.shape)
+        err, scale = float((fused - z).abs().max()), float(z.abs().max())
+        if err > rtol * max(scale, float(fused.abs().max())) + 1e-6:
+            break
+    else:
         return
     inner = model.get_base_model() if ref.is_peft_model(model) else model
     raise ValueError(
@@ -217,6 +250,65 @@ def check_head_reproduces_logits(head: OutputHead, result: Probe, model: nn.Modu
         f"{z.shape[-2]} tokens. The model transforms its logits in a way BA-LoRA does not copy, so the terms would "
         "act on other logits than the model's. Please report the model class; it cannot be trained with BA-LoRA "
         "until then."
+    )
+
+
+# Config keys that transform a causal LM's logits after its head (matched as substrings of the key, lower case),
+# and the model types whose transform the fused head copies (OutputHead reads these keys; tests/test_model_families.py).
+LOGIT_TRANSFORM_KEYS = ("softcap", "soft_cap", "logits_scal", "logit_scale")
+LOGIT_MULTIPLIER_HINTS = ("lm_head", "logit", "output")  # a "*multiplier*" key acts on the head when it names it
+_NOT_ON_HEAD = ("attn", "attention", "router")
+HANDLED_LOGIT_KEYS = {
+    "final_logit_softcapping": ("gemma2", "gemma3", "gemma3_text"),
+    "logit_scale": ("cohere", "cohere2"),
+    "logits_scaling": ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
+}
+
+
+def logit_transform_keys(config: Any) -> dict[str, Any]:
+    """``{key: value}`` of the config (and its text config) that set a transform of the logits BA-LoRA's fused head
+    does not copy for this model type: a soft-cap (``*softcap*``, ``*soft_cap*``), a scale (``*logits_scal*``,
+    ``*logit_scale*``) or a multiplier on the head (``*multiplier*`` naming the head or the logits), set to a value
+    that changes the logits (a cap other than None / 0, a factor other than None / 1)."""
+    found: dict[str, Any] = {}
+    cfgs = [config]
+    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        cfgs.append(config.get_text_config())
+    for cfg in cfgs:
+        model_type = getattr(cfg, "model_type", "")
+        for key, value in cfg.to_dict().items():
+            k = key.lower()
+            if isinstance(value, dict) or any(x in k for x in _NOT_ON_HEAD):
+                continue
+            cap = "softcap" in k or "soft_cap" in k
+            scale = any(x in k for x in LOGIT_TRANSFORM_KEYS[2:]) or (
+                "multiplier" in k and any(x in k for x in LOGIT_MULTIPLIER_HINTS)
+            )
+            if not (cap or scale) or value is None or value is False:
+                continue
+            if isinstance(value, int | float) and float(value) == (0.0 if cap else 1.0):
+                continue
+            if model_type in HANDLED_LOGIT_KEYS.get(key, ()):
+                continue
+            found[key] = value
+    return found
+
+
+def check_head_config(model: nn.Module) -> None:
+    """When the head cannot be probed (weights on the meta device or ZeRO-3 placeholders at preparation), refuse a
+    model whose config names a transform of the logits the fused head does not copy (:func:`logit_transform_keys`)."""
+    base = model.get_base_model() if ref.is_peft_model(model) else model
+    keys = logit_transform_keys(base.config)
+    if not keys:
+        return
+    shown = ", ".join(f"{k}={v!r}" for k, v in keys.items())
+    raise ValueError(
+        f"{type(base).__name__} cannot be checked by BA-LoRA: its weights are not materialised at preparation (meta "
+        f"device or ZeRO-3 partitions), so the probe that compares the fused head with the model's own logits cannot "
+        f"run, and its config sets {shown}, which transforms the logits in a way the fused head does not copy for "
+        f"model_type {getattr(base.config, 'model_type', None)!r}; the terms would act on other logits than the "
+        "model's. Prepare BA-LoRA on a model with materialised weights (loaded without zero.Init or meta device) so "
+        "the probe can decide, or report the model class."
     )
 
 

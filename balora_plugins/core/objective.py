@@ -30,6 +30,7 @@ from . import distributed
 from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
 from .model import (
+    check_head_config,
     check_head_reproduces_logits,
     check_reference_head,
     check_trained_parameters,
@@ -146,6 +147,8 @@ class BALoRAObjective:
                 path, backbone, probe = replay_backbone(peft_model, self.adapter_name)
                 if probe is not None:
                     check_head_reproduces_logits(self.head, probe, peft_model)
+                else:  # the weights are not materialised: decide from the config
+                    check_head_config(peft_model)
             if self.ref_model is not None:
                 check_reference_head(self.head, self.ref_model)
         else:
