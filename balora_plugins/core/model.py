@@ -11,7 +11,6 @@ instead); and the fused head must reproduce the model's own logits (:func:`check
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,7 +255,11 @@ def check_head_reproduces_logits(head: OutputHead, result: Probe, model: nn.Modu
 # Config keys that transform a causal LM's logits after its head (matched as substrings of the key, lower case),
 # and the model types whose transform the fused head copies (OutputHead reads these keys; tests/test_model_families.py).
 LOGIT_TRANSFORM_KEYS = ("softcap", "soft_cap", "logits_scal", "logit_scale")
-LOGIT_MULTIPLIER_HINTS = ("lm_head", "logit", "output")  # a "*multiplier*" key acts on the head when it names it
+LOGIT_MULTIPLIER_HINTS = (
+    "lm_head",
+    "logit",
+    "output",
+)  # a "*multiplier*" key acts on the head when it names it
 _NOT_ON_HEAD = ("attn", "attention", "router")
 HANDLED_LOGIT_KEYS = {
     "final_logit_softcapping": ("gemma2", "gemma3", "gemma3_text"),
@@ -367,6 +370,8 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
         )
     if config.task == "nlu":
         problem = getattr(base.config, "problem_type", None)
+        if problem == "multi_label_classification":
+            raise multi_label_error(type(base).__name__)
         if int(base.config.num_labels) == 1 or problem == "regression":
             raise ValueError(
                 f"BALoRAConfig.task='nlu' on a regression head ({type(base).__name__} with "
@@ -473,9 +478,35 @@ def new_head_warning(peft_model: nn.Module, config: BALoRAConfig) -> str | None:
     )
 
 
-def warn_new_head(peft_model: nn.Module, config: BALoRAConfig) -> bool:
-    """Emit :func:`new_head_warning` when it applies; returns whether it did."""
-    text = new_head_warning(peft_model, config)
-    if text is not None:
-        warnings.warn(text, UserWarning, stacklevel=3)
-    return text is not None
+def multi_label_error(model_class: str) -> ValueError:
+    """The refusal of a multi-label classifier (``problem_type='multi_label_classification'``, or float multi-hot
+    labels, from which transformers infers it at the first forward)."""
+    return ValueError(
+        f"BALoRAConfig.task='nlu' on a multi-label classifier ({model_class} with problem_type="
+        "'multi_label_classification' or float multi-hot labels): BA-LoRA's NLU terms assume one softmax over "
+        "mutually exclusive classes — the consistency term compares softmax(Z/T) distributions, the decorrelation "
+        "and SVD terms treat the class logits as competing scores — while a multi-label head scores each label with "
+        "its own sigmoid, so the terms would tie independent labels together. BA-LoRA defines no sigmoid form: "
+        "train this task without the BA-LoRA terms (plain LoRA / PiSSA), or, if exactly one label applies per "
+        "example, use problem_type='single_label_classification' with integer labels."
+    )
+
+
+def dropout_warning(peft_model: nn.Module, adapter: str = "default") -> str | None:
+    """The warning for ``lora_dropout > 0`` on an adapter whose base was rewritten (PiSSA-like; None otherwise).
+
+    PEFT applies LoRA dropout to the adapter's input, so with PiSSA it drops the input of the principal components
+    the adapter holds: in training mode the model at step 0 is no longer the pre-trained one (the consistency term
+    is not 0 at step 0) and the principal directions train on dropped-out inputs. The paper's recipe and the
+    authors' script use 0 (docs/method.md §1).
+    """
+    dropout = float(getattr(peft_model.peft_config.get(adapter), "lora_dropout", 0.0) or 0.0)
+    start = ref.adapter_start(peft_model, adapter)
+    if dropout <= 0 or not start.rewritten:
+        return None
+    return (
+        f"BA-LoRA: lora_dropout={dropout:g} with an adapter on a rewritten base ({start.reason}): PEFT's LoRA dropout "
+        "drops the input of the principal components the adapter holds, so in training mode the model at step 0 is "
+        "not the pre-trained one (the consistency term is not 0 at step 0) and the principal directions train on "
+        "dropped-out inputs. The paper's recipe and the authors' script use 0: set LoraConfig(lora_dropout=0.0)."
+    )

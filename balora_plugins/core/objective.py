@@ -35,10 +35,12 @@ from .model import (
     check_reference_head,
     check_trained_parameters,
     classifier_head,
+    dropout_warning,
+    multi_label_error,
+    new_head_warning,
     output_head,
     replay_backbone,
     validate_model,
-    warn_new_head,
 )
 from .plugins import collect_terms
 from .refcache import ReferenceCache, reference_state
@@ -111,8 +113,10 @@ class BALoRAObjective:
         self._in_reference = False
         self.skipped: dict[str, int] = {}
         self.num_classes: int | None = None
-        self._head_kept: list[nn.Module] = []  # NLU, reference_head='current': the head the reference reads through
-        self._head_warned = False
+        self._head_kept: list[
+            nn.Module
+        ] = []  # NLU, reference_head='current': the head the reference reads through
+        self._warned: set[str] = set()  # warnings given at construction (prepare runs again at train begin)
         # NLU only (the config refuses it for NLG): reference logits per example, exact (core/refcache.py)
         self.reference_cache = ReferenceCache() if self.config.reference_cache else None
 
@@ -154,14 +158,14 @@ class BALoRAObjective:
         else:
             self.num_classes = int(base.config.num_labels)
             self.config.check_num_classes(self.num_classes)
-            if not self._head_warned:  # once per objective, at construction (prepare runs again at train begin)
-                self._head_warned = warn_new_head(peft_model, self.config)
+            self._warn_once(new_head_warning(peft_model, self.config))
             self._head_kept = classifier_head(peft_model) if self.config.reference_head == "current" else []
         # then install
         self._peft_model = peft_model
         self.mode = ref.prepare_reference(
             peft_model, self.config.reference, self.ref_model, self.adapter_name
         )
+        self._warn_once(dropout_warning(peft_model, self.adapter_name))
         if self.config.task == "nlg" and backbone is not self._backbone:
             self.remove_hooks()
             self._backbone, self._backbone_path = backbone, path
@@ -434,6 +438,15 @@ class BALoRAObjective:
             raise ValueError(
                 "BA-LoRA (task='nlu') needs the classifier logits (B, C) of the forward: pass logits=."
             )
+        labels = inputs.get("labels")
+        base = ref.unwrap(model).get_base_model()
+        multi_hot = (
+            isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.shape == logits.shape
+        )
+        if multi_hot and getattr(base.config, "problem_type", None) != "single_label_classification":
+            raise multi_label_error(
+                type(base).__name__
+            )  # transformers infers multi-label from them; before a step
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
         ref_logits = None
         if need_ref and self.reference_cache is not None:
@@ -447,6 +460,11 @@ class BALoRAObjective:
         return logits, ref_logits, LogitsView(logits), False
 
     # ------------------------------------------------------------------ helpers
+    def _warn_once(self, text: str | None) -> None:
+        if text is not None and text not in self._warned:
+            self._warned.add(text)
+            warnings.warn(text, UserWarning, stacklevel=3)
+
     @staticmethod
     def _record(metrics: dict[str, float], name: str, raw: float, lam: float) -> None:
         metrics[f"balora/{name}"] = raw

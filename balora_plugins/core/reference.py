@@ -255,7 +255,8 @@ def fresh_pair_deviation(a: torch.Tensor, b: torch.Tensor) -> float:
     r = gb.shape[0]
     eye = torch.eye(r, dtype=gb.dtype, device=gb.device)
     olora = max(
-        float((gb - eye).norm()) / math.sqrt(r), float(torch.tril(a64, -1).norm() / a64.norm().clamp_min(tiny))
+        float((gb - eye).norm()) / math.sqrt(r),
+        float(torch.tril(a64, -1).norm() / a64.norm().clamp_min(tiny)),
     )
     return min(pissa, olora)
 
