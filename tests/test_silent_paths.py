@@ -403,7 +403,9 @@ def test_pissa_with_lora_dropout_is_warned_about_and_its_step_0_consistency_is_n
         kl = float(Fn.kl_rows(got.flatten(0, 1), want.flatten(0, 1), 2.0).mean())
         if dropout:
             assert len(said) == 1 and "lora_dropout=0.1" in str(said[0].message)
-            assert kl > 1e-5  # measured 2e-4 per token at 0.1; why: the step-0 model in training mode is not the pre-trained one
+            assert (
+                kl > 1e-5
+            )  # measured 2e-4 per token at 0.1; why: the step-0 model in training mode is not the pre-trained one
         else:
             assert not said and kl < 1e-6  # fp32 rounding of the residual base
 
@@ -473,3 +475,21 @@ def test_frobenius_svd_warning_says_the_term_runs_and_a_skipped_term_logs_lambda
     _, metrics = obj.compute(model, inputs, logits=model(**_fwd(inputs)).logits)
     assert "balora/svd" not in metrics and metrics["balora/lambda_svd"] == 0.0
     assert metrics["balora/lambda_diversity"] == 0.03 and "balora/diversity" in metrics
+
+
+# ---------------------------------------------------------------------------------------------- 8. the demo's method
+def test_demo_method_balora_current_head_sets_the_option_and_is_compared():
+    from balora_plugins.tools.demo import METHODS, DemoUsageError, resolve_settings
+    from balora_plugins.tools.demo.common import method_config
+    from balora_plugins.tools.demo.tables import comparison_pairs
+
+    s = resolve_settings("nlu", device="cpu", methods="pissa,balora,balora-current-head")
+    assert s.methods == ["pissa", "balora", "balora-current-head"]
+    cfg = BALoRAConfig.from_preset("iclr2026-nlu", svd_top_k=4)
+    mcfg = method_config(cfg, METHODS["balora-current-head"])
+    assert mcfg.reference_head == "current" and mcfg.svd_top_k == 4 and cfg.reference_head == "initial"
+    assert method_config(cfg, METHODS["balora"]) is cfg
+    pairs = comparison_pairs(s.methods)
+    assert ("balora-current-head", "balora") in pairs and ("balora-current-head", "pissa") in pairs
+    with pytest.raises(DemoUsageError, match=r"balora-current-head: allowed are .* \(for --task nlg"):
+        resolve_settings("nlg", device="cpu", methods="balora-current-head")

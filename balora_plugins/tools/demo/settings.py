@@ -371,8 +371,8 @@ def _methods(methods: list[str] | str, task: str) -> list[str]:
     bad = [m for m in methods if m not in allowed]
     if bad or not methods:
         raise DemoUsageError(
-            f"--methods {','.join(methods) or '(empty)'}: allowed for --task {task} are {', '.join(allowed)} "
-            "(comma-separated, e.g. lora,pissa,balora)."
+            f"--methods {','.join(methods) or '(empty)'}: allowed are {', '.join(allowed)} (for --task {task}; "
+            "comma-separated, e.g. lora,pissa,balora)."
         )
     if len(set(methods)) != len(methods):
         raise DemoUsageError(f"--methods {','.join(methods)} names a method twice.")
