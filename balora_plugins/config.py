@@ -24,6 +24,7 @@ CONSISTENCY_SCHEDULES = ("constant", "cosine", "adaptive")
 REGULARIZER_SCHEDULES = ("constant", "warmup", "linear_warmup", "quadratic_warmup")
 REFERENCES = ("auto", "adapter_snapshot", "disabled_adapter", "model")
 ON_NONFINITE = ("skip", "raise")
+REFERENCE_HEADS = ("initial", "current")
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS,
     "formulation": FORMULATIONS,
@@ -32,6 +33,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "regularizer_schedule": REGULARIZER_SCHEDULES,
     "reference": REFERENCES,
     "on_nonfinite": ON_NONFINITE,
+    "reference_head": REFERENCE_HEADS,
 }
 """The fields that take one of a fixed set of strings, and that set (for generated argument parsers)."""
 
@@ -177,6 +179,16 @@ class BALoRAConfig:
         default=False,
     )
 
+    reference_head: str = _help(
+        "NLU only: the classifier head the reference logits are read through. `initial` (the paper's formula and "
+        "the authors' script): the pre-trained backbone with the step-0 head — with a new, randomly initialised "
+        "head the consistency term then pulls towards that random head (a confidence penalty plus its random "
+        "class bias), not towards pre-trained knowledge. `current`: the pre-trained backbone's features read "
+        "through the head being trained, no gradient through the reference path, so the term anchors the "
+        "representation (docs/method.md, Classifiers with a new head).",
+        default="initial",
+    )
+
     def __post_init__(self) -> None:
         self._fill_preset_defaults()
         self._validate()
@@ -251,6 +263,17 @@ class BALoRAConfig:
                 "BALoRAConfig.reference_cache=True applies to task='nlu' only: a causal LM's reference output per "
                 "example is a (tokens, |V|) distribution, too large to keep exactly (docs/method.md §2). Set "
                 "reference_cache=False."
+            )
+        if self.reference_head == "current" and self.task != "nlu":
+            raise ValueError(
+                "BALoRAConfig.reference_head='current' applies to task='nlu' only: a causal LM's output head is "
+                "frozen, so its initial and current heads are the same. Set reference_head='initial'."
+            )
+        if self.reference_head == "current" and self.reference_cache:
+            raise ValueError(
+                "BALoRAConfig.reference_cache=True with reference_head='current': the reference logits are read "
+                "through the head being trained, so they change every step and cannot be cached. Set "
+                "reference_cache=False (or reference_head='initial')."
             )
 
     def _validate_adaptive(self) -> None:
@@ -386,17 +409,28 @@ class BALoRAConfig:
         return 1.0
 
     def check_num_classes(self, num_classes: int) -> bool:
-        """Warn (and return False) when the NLU SVD share is identically 1 for ``num_classes`` classes."""
-        if self.task == "nlu" and self.lambda_svd > 0 and self.svd_top_k >= num_classes:
-            warnings.warn(
-                f"BALoRAConfig.svd_top_k={self.svd_top_k} >= number of classes ({num_classes}): the NLU SVD share "
-                "Σ_{i≤k}σ_i/Σσ is identically 1, so lambda_svd has no effect and is skipped. "
-                f"Set svd_top_k < {num_classes} or lambda_svd=0.",
-                UserWarning,
-                stacklevel=2,
-            )
-            return False
-        return True
+        """Warn when k >= ``num_classes`` for the NLU SVD term; return False when the term is then skipped.
+
+        With the nuclear norm the share Σ_{i≤k}σ_i/Σσ is identically 1 (no gradient: skipped, logged with λ = 0).
+        With the Frobenius norm the term runs, but over every singular value: −Σσ/‖Z‖_F, which is lowest when the
+        singular values are equal, so it flattens the spectrum instead of concentrating it.
+        """
+        if self.task != "nlu" or not self.lambda_svd > 0 or self.svd_top_k < num_classes:
+            return True
+        nuclear = self.resolved_svd_norm == "nuclear"
+        effect = (
+            "the NLU SVD share Σ_{i≤k}σ_i/Σσ is identically 1, so lambda_svd has no effect and the term is skipped"
+            if nuclear
+            else "with svd_norm='frobenius' the term still runs, over every singular value: −Σσ/‖Z‖_F is lowest "
+            "when all singular values are equal, so it flattens the spectrum instead of concentrating it"
+        )
+        warnings.warn(
+            f"BALoRAConfig.svd_top_k={self.svd_top_k} >= number of classes ({num_classes}): {effect}. "
+            f"Set svd_top_k < {num_classes} or lambda_svd=0.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return not nuclear
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -492,6 +526,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         svd_top_k=5,
         temperature=2.0,
         svd_norm="nuclear",
+    ),
+    # iclr2026-nlu with the reference read through the current head (docs/method.md, Classifiers with a new head):
+    # not the paper's formula; an option for classifiers whose head is new.
+    "iclr2026-nlu-current-head": dict(
+        task="nlu",
+        formulation="iclr2026",
+        lambda_consistency=0.15,
+        lambda_diversity=0.03,
+        lambda_svd=0.03,
+        svd_top_k=5,
+        temperature=2.0,
+        svd_norm="nuclear",
+        reference_head="current",
     ),
     # Paper v1-v5 (cyp-jlu-ai/BA-LoRA, 2024).
     "v5-nlg": dict(

@@ -293,6 +293,8 @@ def test_demo_nlu_tiny_label_noise_ablation_and_overwrite(tmp_path, capsys):
     (out / "seed0" / "pissa" / "trainer_state.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     argv = ["demo", "--task", "nlu", "--tiny", "--out", str(out), "--overwrite", "--label-noise", "0.3"]
+    # batch 5 > k = 4: the SVD share of a 4-row batch would be constant (skipped, logged with λ3 = 0)
+    argv += ["--batch-size", "5"]
     code, stdout, err = _run_cli([*argv, "--methods", "lora,balora,balora-no-svd"], capsys)
     assert code == 0, err
     assert not (out / "seed0" / "pissa").exists() and (out / "notes.txt").read_text() == "mine"

@@ -12,6 +12,7 @@ instead); and the fused head must reproduce the model's own logits (:func:`check
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,6 +83,8 @@ class Probe:
     logits: torch.Tensor
     hidden: torch.Tensor
     ran_outside: list[str]
+    scaled_logits: torch.Tensor | None = None
+    scaled_hidden: torch.Tensor | None = None
 
 
 def _probe_ids(base: nn.Module, n: int = 8) -> torch.Tensor:
@@ -102,20 +105,37 @@ def _probe_ids(base: nn.Module, n: int = 8) -> torch.Tensor:
     return torch.tensor([ids])
 
 
+PROBE_LOGITS = 1e3
+"""The size the second probe forward drives the logits to: beyond the soft-caps and scales models use (30, 50)."""
+
+
 def probe(peft_model: nn.Module, backbone: nn.Module, watched: dict[str, nn.Module]) -> Probe:
     """Run the model (adapter as it is) on a few tokens, no grad, every module in eval mode; restores the modules'
-    train/eval flags and the RNG. ``watched`` modules are checked to run inside ``backbone``'s forward."""
+    train/eval flags and the RNG. ``watched`` modules are checked to run inside ``backbone``'s forward.
+
+    A second forward multiplies the backbone's final hidden states by c = max(1, PROBE_LOGITS / max|logits|), so the
+    head sees inputs whose logits reach the regime where a soft-cap or a logit scale shows, whatever the dtype
+    (``scaled_hidden``, ``scaled_logits``).
+    """
     base = peft_model.get_base_model()
     device = next(p.device for p in base.parameters())
     ids = _probe_ids(base).to(device)
-    depth, seen, outside = [0], {}, []
+    depth, seen, outside, factor = [0], {}, [], [1.0]
 
     def enter(module, args):
         depth[0] += 1
 
     def leave(module, args, output):
         depth[0] -= 1
-        seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if factor[0] != 1.0:
+            hidden = hidden * factor[0]
+            if hasattr(output, "last_hidden_state"):
+                output.last_hidden_state = hidden  # a ModelOutput keeps its key and attribute in step
+            else:
+                output = (hidden, *output[1:])
+        seen["hidden"] = hidden
+        return output
 
     def watch(name):
         def hook(module, args):
@@ -132,12 +152,18 @@ def probe(peft_model: nn.Module, backbone: nn.Module, watched: dict[str, nn.Modu
         peft_model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            result = Probe(logits=out.logits, hidden=seen["hidden"], ran_outside=list(outside))
+            peak = float(out.logits.detach().float().abs().max())
+            if peak > 0 and peak < PROBE_LOGITS:
+                factor[0] = PROBE_LOGITS / peak
+                out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                result.scaled_logits, result.scaled_hidden = out.logits, seen["hidden"]
     finally:
         for h in handles:
             h.remove()
         for m, flag in training:
             m.training = flag
-    return Probe(logits=out.logits, hidden=seen["hidden"], ran_outside=outside)
+    return result
 
 
 def _trained_modules(base: nn.Module, adapter: str) -> dict[str, nn.Module]:
@@ -197,15 +223,22 @@ def replay_backbone(peft_model: nn.Module, adapter: str = "default") -> tuple[st
 
 def check_head_reproduces_logits(head: OutputHead, result: Probe, model: nn.Module) -> None:
     """Refuse a model whose own logits the fused head does not reproduce (on the probe: same forward, adapter as it
-    is). The fused head copies the head's weight and bias, ``logit_scale`` / ``logits_scaling`` and the final
-    soft-cap from the config; a model that transforms its logits otherwise (its own multipliers, a soft-cap under
-    another name) would have the terms act on other logits than the ones it produces."""
-    z = result.logits.detach().float()
-    hidden = result.hidden.detach()
-    fused = head.logits(hidden.reshape(-1, hidden.shape[-1])).reshape(z.shape)
-    err, scale = float((fused - z).abs().max()), float(z.abs().max())
+    is, and again with the hidden states scaled so the logits reach ~:data:`PROBE_LOGITS`, where a soft-cap or a
+    scale shows beyond bf16 rounding). The fused head copies the head's weight and bias, ``logit_scale`` /
+    ``logits_scaling`` and the final soft-cap from the config; a model that transforms its logits otherwise (its
+    own multipliers, a soft-cap under another name) would have the terms act on other logits than its own."""
     rtol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2  # bf16/fp16 logits are rounded to ~3 digits
-    if err <= rtol * scale + 1e-6:
+    pairs = [(result.logits, result.hidden)]
+    if result.scaled_logits is not None:
+        pairs.append((result.scaled_logits, result.scaled_hidden))
+    for logits, hidden in pairs:
+        z = logits.detach().float()
+        hidden = hidden.detach()
+        fused = head.logits(hidden.reshape(-1, hidden.shape[-1])).reshape(z.shape)
+        err, scale = float((fused - z).abs().max()), float(z.abs().max())
+        if err > rtol * max(scale, float(fused.abs().max())) + 1e-6:
+            break
+    else:
         return
     inner = model.get_base_model() if ref.is_peft_model(model) else model
     raise ValueError(
@@ -215,6 +248,69 @@ def check_head_reproduces_logits(head: OutputHead, result: Probe, model: nn.Modu
         f"{z.shape[-2]} tokens. The model transforms its logits in a way BA-LoRA does not copy, so the terms would "
         "act on other logits than the model's. Please report the model class; it cannot be trained with BA-LoRA "
         "until then."
+    )
+
+
+# Config keys that transform a causal LM's logits after its head (matched as substrings of the key, lower case),
+# and the model types whose transform the fused head copies (OutputHead reads these keys; tests/test_model_families.py).
+LOGIT_TRANSFORM_KEYS = ("softcap", "soft_cap", "logits_scal", "logit_scale")
+LOGIT_MULTIPLIER_HINTS = (
+    "lm_head",
+    "logit",
+    "output",
+)  # a "*multiplier*" key acts on the head when it names it
+_NOT_ON_HEAD = ("attn", "attention", "router")
+HANDLED_LOGIT_KEYS = {
+    "final_logit_softcapping": ("gemma2", "gemma3", "gemma3_text"),
+    "logit_scale": ("cohere", "cohere2"),
+    "logits_scaling": ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
+}
+
+
+def logit_transform_keys(config: Any) -> dict[str, Any]:
+    """``{key: value}`` of the config (and its text config) that set a transform of the logits BA-LoRA's fused head
+    does not copy for this model type: a soft-cap (``*softcap*``, ``*soft_cap*``), a scale (``*logits_scal*``,
+    ``*logit_scale*``) or a multiplier on the head (``*multiplier*`` naming the head or the logits), set to a value
+    that changes the logits (a cap other than None / 0, a factor other than None / 1)."""
+    found: dict[str, Any] = {}
+    cfgs = [config]
+    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        cfgs.append(config.get_text_config())
+    for cfg in cfgs:
+        model_type = getattr(cfg, "model_type", "")
+        for key, value in cfg.to_dict().items():
+            k = key.lower()
+            if isinstance(value, dict) or any(x in k for x in _NOT_ON_HEAD):
+                continue
+            cap = "softcap" in k or "soft_cap" in k
+            scale = any(x in k for x in LOGIT_TRANSFORM_KEYS[2:]) or (
+                "multiplier" in k and any(x in k for x in LOGIT_MULTIPLIER_HINTS)
+            )
+            if not (cap or scale) or value is None or value is False:
+                continue
+            if isinstance(value, int | float) and float(value) == (0.0 if cap else 1.0):
+                continue
+            if model_type in HANDLED_LOGIT_KEYS.get(key, ()):
+                continue
+            found[key] = value
+    return found
+
+
+def check_head_config(model: nn.Module) -> None:
+    """When the head cannot be probed (weights on the meta device or ZeRO-3 placeholders at preparation), refuse a
+    model whose config names a transform of the logits the fused head does not copy (:func:`logit_transform_keys`)."""
+    base = model.get_base_model() if ref.is_peft_model(model) else model
+    keys = logit_transform_keys(base.config)
+    if not keys:
+        return
+    shown = ", ".join(f"{k}={v!r}" for k, v in keys.items())
+    raise ValueError(
+        f"{type(base).__name__} cannot be checked by BA-LoRA: its weights are not materialised at preparation (meta "
+        f"device or ZeRO-3 partitions), so the probe that compares the fused head with the model's own logits cannot "
+        f"run, and its config sets {shown}, which transforms the logits in a way the fused head does not copy for "
+        f"model_type {getattr(base.config, 'model_type', None)!r}; the terms would act on other logits than the "
+        "model's. Prepare BA-LoRA on a model with materialised weights (loaded without zero.Init or meta device) so "
+        "the probe can decide, or report the model class."
     )
 
 
@@ -273,6 +369,8 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
         )
     if config.task == "nlu":
         problem = getattr(base.config, "problem_type", None)
+        if problem == "multi_label_classification":
+            raise multi_label_error(type(base).__name__)
         if int(base.config.num_labels) == 1 or problem == "regression":
             raise ValueError(
                 f"BALoRAConfig.task='nlu' on a regression head ({type(base).__name__} with "
@@ -335,3 +433,92 @@ def validate_model(peft_model: nn.Module, config: BALoRAConfig, adapter: str = "
             "the base unquantised, use init_lora_weights='pissa' / 'pissa_niter_N' on a 4-bit base, or plain LoRA "
             "init (init_lora_weights=True)."
         )
+
+
+# ---------------------------------------------------------------------------------------------- classifier heads
+def classifier_head(peft_model: nn.Module) -> list[nn.Module]:
+    """The trained modules of a classifier that lie outside its pre-trained backbone (``base_model_prefix``, e.g.
+    ``bert``): the head — PEFT's ``modules_to_save`` wrapper of ``classifier`` / ``score`` (and of a pooler outside
+    the backbone, as DeBERTa's), or a LoRA layer on it. Empty when the head is frozen."""
+    base = peft_model.get_base_model()
+    backbone = getattr(base, getattr(base, "base_model_prefix", "") or "", None)
+    inside = set()
+    if isinstance(backbone, nn.Module) and backbone is not base:
+        inside = {id(m) for m in backbone.modules()}
+    found: list[nn.Module] = []
+    covered: set[int] = set()
+    for m in base.modules():
+        if id(m) in inside or id(m) in covered or not hasattr(m, "_active_adapter"):
+            continue
+        found.append(m)
+        covered.update(id(sub) for sub in m.modules())
+    return found
+
+
+def classifier_head_is_new(base: nn.Module) -> bool:
+    """Whether a classifier's head was not in the checkpoint it was loaded from: the checkpoint's config names
+    other architectures (``BertModel`` for a ``BertForSequenceClassification``), so transformers initialised the
+    head randomly — or the model was built from a config (no architectures recorded)."""
+    return type(base).__name__ not in (getattr(base.config, "architectures", None) or [])
+
+
+def new_head_warning(peft_model: nn.Module, config: BALoRAConfig) -> str | None:
+    """The warning for the paper's NLU reference on a new classifier head (None when it does not apply).
+
+    With ``reference_head='initial'`` the reference is the pre-trained backbone with the step-0 head; when that
+    head is new (:func:`classifier_head_is_new`) and trained, the consistency term pulls towards a random head.
+    """
+    base = peft_model.get_base_model()
+    if (
+        config.task != "nlu"
+        or config.reference_head != "initial"
+        or not config.lambda_consistency > 0
+        or not classifier_head(peft_model)
+        or not classifier_head_is_new(base)
+    ):
+        return None
+    archs = getattr(base.config, "architectures", None)
+    origin = f"the checkpoint's config names {archs}" if archs else "the model was built from a config"
+    weight = config.lambda_consistency * config.consistency_temperature**2
+    return (
+        f"BA-LoRA: {type(base).__name__}'s classifier head is new ({origin}, so the head started random), and "
+        "BALoRAConfig.reference_head='initial' (the paper's formula) reads the reference through that step-0 head. "
+        f"The consistency term (weight λ1·T² = {weight:g}) then pulls the predictions towards a near-uniform random "
+        "head — a confidence penalty plus that head's random class bias — and cannot preserve pre-trained knowledge "
+        "the head never had. To anchor the pre-trained representation instead, set reference_head='current' "
+        "(preset 'iclr2026-nlu-current-head'; docs/method.md, Classifiers with a new head)."
+    )
+
+
+def multi_label_error(model_class: str) -> ValueError:
+    """The refusal of a multi-label classifier (``problem_type='multi_label_classification'``, or float multi-hot
+    labels, from which transformers infers it at the first forward)."""
+    return ValueError(
+        f"BALoRAConfig.task='nlu' on a multi-label classifier ({model_class} with problem_type="
+        "'multi_label_classification' or float multi-hot labels): BA-LoRA's NLU terms assume one softmax over "
+        "mutually exclusive classes — the consistency term compares softmax(Z/T) distributions, the decorrelation "
+        "and SVD terms treat the class logits as competing scores — while a multi-label head scores each label with "
+        "its own sigmoid, so the terms would tie independent labels together. BA-LoRA defines no sigmoid form: "
+        "train this task without the BA-LoRA terms (plain LoRA / PiSSA), or, if exactly one label applies per "
+        "example, use problem_type='single_label_classification' with integer labels."
+    )
+
+
+def dropout_warning(peft_model: nn.Module, adapter: str = "default") -> str | None:
+    """The warning for ``lora_dropout > 0`` on an adapter whose base was rewritten (PiSSA-like; None otherwise).
+
+    PEFT applies LoRA dropout to the adapter's input, so with PiSSA it drops the input of the principal components
+    the adapter holds: in training mode the model at step 0 is no longer the pre-trained one (the consistency term
+    is not 0 at step 0) and the principal directions train on dropped-out inputs. The paper's recipe and the
+    authors' script use 0 (docs/method.md §1).
+    """
+    dropout = float(getattr(peft_model.peft_config.get(adapter), "lora_dropout", 0.0) or 0.0)
+    start = ref.adapter_start(peft_model, adapter)
+    if dropout <= 0 or not start.rewritten:
+        return None
+    return (
+        f"BA-LoRA: lora_dropout={dropout:g} with an adapter on a rewritten base ({start.reason}): PEFT's LoRA dropout "
+        "drops the input of the principal components the adapter holds, so in training mode the model at step 0 is "
+        "not the pre-trained one (the consistency term is not 0 at step 0) and the principal directions train on "
+        "dropped-out inputs. The paper's recipe and the authors' script use 0: set LoraConfig(lora_dropout=0.0)."
+    )

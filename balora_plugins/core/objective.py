@@ -30,9 +30,14 @@ from . import distributed
 from . import reference as ref
 from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
 from .model import (
+    check_head_config,
     check_head_reproduces_logits,
     check_reference_head,
     check_trained_parameters,
+    classifier_head,
+    dropout_warning,
+    multi_label_error,
+    new_head_warning,
     output_head,
     replay_backbone,
     validate_model,
@@ -108,6 +113,10 @@ class BALoRAObjective:
         self._in_reference = False
         self.skipped: dict[str, int] = {}
         self.num_classes: int | None = None
+        self._head_kept: list[
+            nn.Module
+        ] = []  # NLU, reference_head='current': the head the reference reads through
+        self._warned: set[str] = set()  # warnings given at construction (prepare runs again at train begin)
         # NLU only (the config refuses it for NLG): reference logits per example, exact (core/refcache.py)
         self.reference_cache = ReferenceCache() if self.config.reference_cache else None
 
@@ -128,6 +137,12 @@ class BALoRAObjective:
         mode = ref.resolve_mode(self.config.reference, peft_model, self.ref_model, self.adapter_name)
         if mode != "model":
             check_trained_parameters(peft_model, self.adapter_name)
+        elif self.config.reference_head == "current":
+            raise ValueError(
+                "BALoRAConfig.reference_head='current' reads the reference's features through the head being "
+                "trained, which a separate ref_model does not hold. Omit ref_model (the adapter snapshot or the "
+                "disabled adapter is the pre-trained backbone) or set reference_head='initial'."
+            )
         base = peft_model.get_base_model()
         backbone, path = self._backbone, self._backbone_path
         if self.config.task == "nlg":
@@ -136,16 +151,21 @@ class BALoRAObjective:
                 path, backbone, probe = replay_backbone(peft_model, self.adapter_name)
                 if probe is not None:
                     check_head_reproduces_logits(self.head, probe, peft_model)
+                else:  # the weights are not materialised: decide from the config
+                    check_head_config(peft_model)
             if self.ref_model is not None:
                 check_reference_head(self.head, self.ref_model)
         else:
             self.num_classes = int(base.config.num_labels)
             self.config.check_num_classes(self.num_classes)
+            self._warn_once(new_head_warning(peft_model, self.config))
+            self._head_kept = classifier_head(peft_model) if self.config.reference_head == "current" else []
         # then install
         self._peft_model = peft_model
         self.mode = ref.prepare_reference(
             peft_model, self.config.reference, self.ref_model, self.adapter_name
         )
+        self._warn_once(dropout_warning(peft_model, self.adapter_name))
         if self.config.task == "nlg" and backbone is not self._backbone:
             self.remove_hooks()
             self._backbone, self._backbone_path = backbone, path
@@ -179,6 +199,11 @@ class BALoRAObjective:
 
     def _capture(self, module, args, kwargs, output) -> None:
         if self._in_reference:
+            return
+        if module.training and not torch.is_grad_enabled():
+            # While training, only a forward that carries gradient is the student's: TRL 1.16 computes a label-
+            # smoothed or compute_loss_func loss on one forward, then runs a second one under no_grad for its
+            # metrics (and a third with return_outputs); keeping the last would leave the terms without gradient.
             return
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         # Did the student's forward end up with a KV cache? (use_cache comes from the config and is switched off
@@ -223,13 +248,15 @@ class BALoRAObjective:
             self._in_reference = False
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def _reference_logits(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    def reference_logits(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """NLU: the reference's classifier logits (B, C) for ``inputs`` (no grad): the pre-trained backbone read
+        through the step-0 head, or through the current head under ``reference_head='current'``."""
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
         if self.mode == "model":
             with torch.no_grad():
                 return self.ref_model(**fwd).logits
         inner = ref.unwrap(model)
-        with ref.reference_mode(inner, self.mode):
+        with ref.reference_mode(inner, self.mode, keep=self._head_kept):
             return inner(**fwd).logits
 
     # ------------------------------------------------------------------ the loss
@@ -292,7 +319,10 @@ class BALoRAObjective:
             row_terms = [t for t in self.terms if t.level == ROW and weights[t.name] > 0]
             loss = loss + self._row_loss(row_terms, rows, ref_rows, weights, scaling, by_items, m, metrics)
             for t in self.terms:
-                if t.level != MATRIX or weights[t.name] <= 0 or t.is_noop(*view.shape):
+                if t.level != MATRIX or weights[t.name] <= 0:
+                    continue
+                if t.is_noop(*view.shape):  # constant for this shape: skipped, so its effective weight is 0
+                    metrics[f"balora/lambda_{t.name}"] = 0.0
                     continue
                 try:
                     value = t.matrix(view)
@@ -303,7 +333,21 @@ class BALoRAObjective:
                 loss = loss + scaling.matrix_weight(weights[t.name]) * value
                 self._record(metrics, t.name, float(value.detach()), weights[t.name])
         metrics["balora/loss"] = float(sum((v for k, v in metrics.items() if k.endswith("_weighted")), 0.0))
+        self._check_gradient(model, loss, weights, metrics)
         return loss, metrics
+
+    def _check_gradient(self, model, loss: torch.Tensor, weights, metrics: dict[str, float]) -> None:
+        """Refuse to train on when a term with λ > 0 was computed but carries no gradient (the terms would be logged
+        as usual and act on nothing): a training forward under ``torch.no_grad``, or a host path BA-LoRA does not
+        know."""
+        active = [t.name for t in self.terms if weights[t.name] > 0 and f"balora/{t.name}" in metrics]
+        if not active or loss.requires_grad or not torch.is_grad_enabled() or not ref.unwrap(model).training:
+            return
+        raise RuntimeError(
+            f"BA-LoRA's terms {active} have λ > 0 but no gradient on this training micro-batch: they were computed "
+            "on a forward run without gradient, so they would be logged and never trained. Call the model with "
+            "gradients enabled before objective.compute (the trainers do), or report the host trainer and version."
+        )
 
     def reference_confidence(self, ref_rows: torch.Tensor) -> float:
         """c = 1 − clamp(H / log|V|, 0, 1), H the mean over rows of the entropy of softmax(Z_ref/T).
@@ -394,19 +438,33 @@ class BALoRAObjective:
             raise ValueError(
                 "BA-LoRA (task='nlu') needs the classifier logits (B, C) of the forward: pass logits=."
             )
+        labels = inputs.get("labels")
+        base = ref.unwrap(model).get_base_model()
+        multi_hot = (
+            isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.shape == logits.shape
+        )
+        if multi_hot and getattr(base.config, "problem_type", None) != "single_label_classification":
+            raise multi_label_error(
+                type(base).__name__
+            )  # transformers infers multi-label from them; before a step
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
         ref_logits = None
         if need_ref and self.reference_cache is not None:
             fwd = {k: v for k, v in inputs.items() if k != "labels"}
             state = reference_state(ref.unwrap(self.ref_model if self.mode == "model" else model))
             ref_logits = self.reference_cache.logits(
-                fwd, lambda sub: self._reference_logits(model, sub), state
+                fwd, lambda sub: self.reference_logits(model, sub), state
             )
         elif need_ref:
-            ref_logits = self._reference_logits(model, inputs)
+            ref_logits = self.reference_logits(model, inputs)
         return logits, ref_logits, LogitsView(logits), False
 
     # ------------------------------------------------------------------ helpers
+    def _warn_once(self, text: str | None) -> None:
+        if text is not None and text not in self._warned:
+            self._warned.add(text)
+            warnings.warn(text, UserWarning, stacklevel=3)
+
     @staticmethod
     def _record(metrics: dict[str, float], name: str, raw: float, lam: float) -> None:
         metrics[f"balora/{name}"] = raw

@@ -14,7 +14,8 @@ tokens sit at other positions) is a miss and runs the reference — never a wron
 
 **Exactness.** A hit returns the values the reference forward computed for that example, bit for bit; whether
 the example was then padded to another length changes only the rounding of a recomputation, not the maths.
-The cache is dropped when the reference's parameters change (their versions are part of the cache's state).
+The cache is dropped when the reference's parameters change: in place (their version counters), by a new storage
+(``p.data = ...``) or by new parameter objects (``load_state_dict(..., assign=True)``) — :func:`reference_state`.
 
 **Cost.** Per distinct example, D logits in fp32 (4·D bytes; bf16/fp16 logits are widened, exactly; the buffer
 grows by doubling) plus about 150 bytes of key and index (measured: 134), in CPU memory; 100 000 examples of a
@@ -30,6 +31,7 @@ docs/method.md §2.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -113,13 +115,23 @@ class ReferenceCache:
             self._index[k] = n + j
 
 
-def reference_state(reference: torch.nn.Module) -> tuple[int, int]:
-    """(count, Σ version) of the frozen parameters of ``reference`` — the module whose forward gives the reference
-    (the PEFT model in reference mode, or a separate reference model): base weights, the snapshot adapter, the
-    original classifier. An in-place change of any of them (e.g. a checkpoint's initial adapter loaded on
-    resume) raises the sum; the trained parameters are not part of the reference and are left out."""
-    frozen = [p for p in reference.parameters() if not p.requires_grad]
-    return len(frozen), sum(int(p._version) for p in frozen)
+def reference_state(reference: torch.nn.Module) -> bytes:
+    """A 16-byte digest of what identifies the frozen parameters of ``reference`` — the module whose forward gives
+    the reference (the PEFT model in reference mode, or a separate reference model): base weights, the snapshot
+    adapter, the original classifier. Per parameter: the object, its storage address and its version counter, so
+    an in-place change (``copy_``, a checkpoint's initial adapter loaded on resume), a new storage (``p.data =
+    ...``) and a new parameter (``load_state_dict(..., assign=True)``) all change it. The trained parameters are
+    not part of the reference and are left out. Constant memory, one pass over the parameters per step."""
+    h = hashlib.blake2b(digest_size=KEY_BYTES)
+    for p in reference.parameters():
+        if p.requires_grad:
+            continue
+        try:
+            address = p.data_ptr()
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without one storage (DTensor)
+            address = -1
+        h.update(struct.pack("<qqq", id(p), address, int(p._version)))
+    return h.digest()
 
 
 def _device_of(inputs: Mapping[str, Any]) -> torch.device:

@@ -24,7 +24,7 @@ import copy
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -132,11 +132,21 @@ def adapter_start(peft_model: nn.Module, adapter: str = "default") -> AdapterSta
         )
     worst = _pissa_signature(pairs)
     if worst <= 1.0:
+        name, excess = max(((n, fresh_pair_excess(a, b)) for n, a, b, _ in pairs), key=lambda x: x[1])
+        if excess <= 1.0:
+            return AdapterStart(
+                init,
+                True,
+                f"the adapter was loaded pre-initialised (init_lora_weights={init!r}, lora_B non-zero) and is a "
+                "fresh PiSSA pair on its residual base (B0ᵀ·W_res = 0, A0·A0ᵀ = B0ᵀ·B0 diagonal)",
+            )
         return AdapterStart(
             init,
-            True,
-            f"the adapter was loaded pre-initialised (init_lora_weights={init!r}, lora_B non-zero) and is a PiSSA "
-            "pair on its residual base (B0ᵀ·W_res = 0)",
+            None,
+            f"adapter {adapter!r} (init_lora_weights={init!r}) sits on a residual base (B0ᵀ·W_res ≈ 0) but its factors "
+            f"are no longer a fresh pair (layer {name!r}: {excess:.3g}× the rounding tolerance of A·Aᵀ = Bᵀ·B "
+            "diagonal): a PiSSA adapter already trained, whose step-0 pair, and with it the pre-trained model, is "
+            "gone. To continue a BA-LoRA run, resume from its balora_resume/ folder (it keeps the initial adapter)",
         )
     return AdapterStart(
         init,
@@ -220,6 +230,61 @@ def signature_tolerance(m: nn.Module) -> float:
     whose rounding error B0 does not annihilate."""
     base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
     return _PISSA_SIGNATURE_TOL_4BIT if is_4bit_layer(base) else _PISSA_SIGNATURE_TOL
+
+
+# Rounding unit of the dtype a factor pair is stored in, read from its values (a pair saved in bf16 and loaded in
+# fp32 is still bf16-rounded), and the multiple of it that fresh_pair_excess allows.
+_ROUNDING = ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11))
+_FP32_ROUNDING = 2.0**-24
+_FRESH_PAIR_TOL = 2.0  # × the rounding unit, and at least _FRESH_PAIR_FLOOR
+_FRESH_PAIR_FLOOR = 1e-4
+
+
+def _rounding_unit(*tensors: torch.Tensor) -> float:
+    """The coarsest rounding unit the tensors' values are consistent with: bf16 if every value is a bf16 number
+    (a pair saved in bf16), else fp16, else fp32 (or the tensors' own dtype when coarser)."""
+    for dtype, unit in _ROUNDING:
+        if all(torch.equal(t, t.to(dtype).to(t.dtype)) for t in tensors):
+            return unit
+    return _FP32_ROUNDING
+
+
+def fresh_pair_deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far (A, B) — A (r, d_in), B (d_out, r) — is from the structure of a freshly initialised pair: 0 for one.
+
+    A PiSSA pair carries √S of the same singular values in both factors (A = √S·Vᵀ, B = U·√S, divided by the
+    scaling): A·Aᵀ = Bᵀ·B = diag(S/s). An OLoRA pair is Q_r, R_r of W's QR: Bᵀ·B = I and A upper trapezoidal. The
+    smaller of the two relative deviations (Frobenius norms): PiSSA, the largest of A·Aᵀ's and Bᵀ·B's
+    off-diagonal share and the difference of their diagonals; OLoRA, ‖Bᵀ·B − I‖/√r and A's share below its diagonal.
+    Training moves both factors and breaks the structure (measured in tests/test_silent_paths.py).
+    """
+    with torch.no_grad(), distributed.gathered([a, b]):
+        a64, b64 = (_full(t).detach().double() for t in (a, b))
+    ga, gb = a64 @ a64.T, b64.T @ b64
+    tiny = torch.finfo(torch.float64).tiny
+
+    def offdiag(g: torch.Tensor) -> float:
+        return float((g - torch.diag(torch.diag(g))).norm() / g.norm().clamp_min(tiny))
+
+    da, db = torch.diag(ga), torch.diag(gb)
+    pissa = max(offdiag(ga), offdiag(gb), float((da - db).norm() / db.norm().clamp_min(tiny)))
+    r = gb.shape[0]
+    eye = torch.eye(r, dtype=gb.dtype, device=gb.device)
+    olora = max(
+        float((gb - eye).norm()) / math.sqrt(r),
+        float(torch.tril(a64, -1).norm() / a64.norm().clamp_min(tiny)),
+    )
+    return min(pissa, olora)
+
+
+def fresh_pair_excess(a: torch.Tensor, b: torch.Tensor) -> float:
+    """:func:`fresh_pair_deviation` over its tolerance for the pair's rounding (≤ 1: a fresh pair).
+
+    The tolerance is 2× the rounding unit the factors' values show (bf16: 2⁻⁸, fp16: 2⁻¹¹), at least 1e-4 (fp32).
+    """
+    with torch.no_grad(), distributed.gathered([a, b]):
+        unit = _rounding_unit(_full(a).detach(), _full(b).detach())
+    return fresh_pair_deviation(a, b) / max(_FRESH_PAIR_TOL * unit, _FRESH_PAIR_FLOOR)
 
 
 def _pissa_signature(pairs) -> float:
@@ -442,18 +507,26 @@ def restore_residual_base(
 
 
 @contextlib.contextmanager
-def reference_mode(model: nn.Module, mode: str, ref_adapter: str = REF_ADAPTER) -> Iterator[None]:
-    """Run the enclosed forward as the pre-trained reference (see module docstring); restores all state."""
+def reference_mode(
+    model: nn.Module, mode: str, ref_adapter: str = REF_ADAPTER, keep: Collection[nn.Module] = ()
+) -> Iterator[None]:
+    """Run the enclosed forward as the pre-trained reference (see module docstring); restores all state.
+
+    ``keep``: modules (with everything inside them) left on the trained adapter — a classifier's current head
+    under ``BALoRAConfig.reference_head='current'``; they still run in eval mode and without gradient.
+    """
+    kept = {id(sub) for m in keep for sub in m.modules()}
+    tuners = [m for m in _tuner_modules(model) if id(m) not in kept]
     training = [(m, m.training) for m in model.modules()]
     saved = []
     try:
         model.eval()
         if mode == "adapter_snapshot":
-            for m in _tuner_modules(model):
+            for m in tuners:
                 saved.append((m, "_active_adapter", m._active_adapter))
                 m._active_adapter = [ref_adapter] if isinstance(m._active_adapter, list) else ref_adapter
         elif mode == "disabled_adapter":
-            for m in _tuner_modules(model):
+            for m in tuners:
                 saved.append((m, "_disable_adapters", m._disable_adapters))
                 m._disable_adapters = True
         with torch.no_grad():

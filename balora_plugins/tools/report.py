@@ -45,6 +45,7 @@ LABELS = {
     "pissa": "PiSSA",
     "balora": "BA-LoRA",
     **{f"balora-no-{t}": f"BA-LoRA w/o {t}" for t in ("consistency", "diversity", "svd")},
+    "balora-current-head": "BA-LoRA current head",
 }
 SPECTRUM_TOP = 64
 

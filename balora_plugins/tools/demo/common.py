@@ -131,11 +131,12 @@ def run_seeds(
 
 
 def method_config(cfg, method: Method):
-    """``cfg`` with the weight of every term ``method`` switches off set to 0 (an ablation); None: no BA-LoRA."""
+    """``cfg`` with the weight of every term ``method`` switches off set to 0 (an ablation) and the method's own
+    settings; None: no BA-LoRA."""
     if not method.regularized:
         return None
-    off = {f"lambda_{t}": 0.0 for t in TERMS if t not in method.terms}
-    return dataclasses.replace(cfg, **off) if off else cfg  # replace() validates again
+    changes = {f"lambda_{t}": 0.0 for t in TERMS if t not in method.terms} | dict(method.settings)
+    return dataclasses.replace(cfg, **changes) if changes else cfg  # replace() validates again
 
 
 def common_args(s: DemoSettings, run_dir: str, seed: int) -> dict[str, Any]:

@@ -32,6 +32,8 @@ class Method:
     label: str
     init: str  # "lora" (Kaiming A, zero B) or "pissa"
     terms: tuple[str, ...] = ()  # the BA-LoRA terms switched on; () = the host trainer alone
+    settings: tuple[tuple[str, Any], ...] = ()  # BALoRAConfig fields this method sets over the preset
+    tasks: tuple[str, ...] = ("nlg", "nlu")  # the demo tasks it applies to
 
     @property
     def regularized(self) -> bool:
@@ -47,6 +49,15 @@ METHODS: dict[str, Method] = {
         *(
             Method(f"balora-no-{t}", f"BA-LoRA w/o {t}", "pissa", tuple(x for x in TERMS if x != t))
             for t in TERMS
+        ),
+        # the reference read through the current classifier head (BALoRAConfig.reference_head, docs/method.md)
+        Method(
+            "balora-current-head",
+            "BA-LoRA current head",
+            "pissa",
+            TERMS,
+            settings=(("reference_head", "current"),),
+            tasks=("nlu",),
         ),
     )
 }
@@ -133,8 +144,9 @@ class DemoSettings:
     )
     tiny: bool = option("a tiny random model and few steps (seconds; for tests/CI)", False)
     methods: list[str] | None = option(
-        "comma-separated methods: lora, pissa, balora, and the ablations balora-no-consistency, "
-        "balora-no-diversity, balora-no-svd (BA-LoRA with one term switched off)",
+        "comma-separated methods: lora, pissa, balora, the ablations balora-no-consistency, "
+        "balora-no-diversity, balora-no-svd (BA-LoRA with one term switched off), and for nlu "
+        "balora-current-head (the reference read through the current classifier head)",
         parse=lambda text: [m.strip().lower() for m in str(text).split(",") if m.strip()],
         metavar="LIST",
     )
@@ -341,7 +353,7 @@ def resolve_settings(
             raise DemoUsageError(
                 f"--{key.replace('_', '-')} {values[key]!r} is not allowed; choose one of {', '.join(choices)}."
             )
-    values["methods"] = _methods(values["methods"])
+    values["methods"] = _methods(values["methods"], task)
     given_count = values["seeds"] if "seeds" in given else None
     values["seed"], values["seeds"] = _seeds(values.get("seed"), given_count, values["seeds"])
     if not values["lr"] > 0:
@@ -352,14 +364,15 @@ def resolve_settings(
     )
 
 
-def _methods(methods: list[str] | str) -> list[str]:
+def _methods(methods: list[str] | str, task: str) -> list[str]:
     if isinstance(methods, str):
         methods = [m.strip().lower() for m in methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    allowed = [name for name, m in METHODS.items() if task in m.tasks]
+    bad = [m for m in methods if m not in allowed]
     if bad or not methods:
         raise DemoUsageError(
-            f"--methods {','.join(methods) or '(empty)'}: allowed are {', '.join(METHODS)} "
-            "(comma-separated, e.g. lora,pissa,balora)."
+            f"--methods {','.join(methods) or '(empty)'}: allowed are {', '.join(allowed)} (for --task {task}; "
+            "comma-separated, e.g. lora,pissa,balora)."
         )
     if len(set(methods)) != len(methods):
         raise DemoUsageError(f"--methods {','.join(methods)} names a method twice.")
