@@ -32,6 +32,7 @@ class Method:
     label: str
     init: str  # "lora" (Kaiming A, zero B) or "pissa"
     terms: tuple[str, ...] = ()  # the BA-LoRA terms switched on; () = the host trainer alone
+    reference: str = "auto"  # BALoRAConfig.reference; "precomputed": `balora reference` runs first, per seed
 
     @property
     def regularized(self) -> bool:
@@ -48,8 +49,10 @@ METHODS: dict[str, Method] = {
             Method(f"balora-no-{t}", f"BA-LoRA w/o {t}", "pissa", tuple(x for x in TERMS if x != t))
             for t in TERMS
         ),
+        Method("balora-precomputed", "BA-LoRA (precomp. ref.)", "pissa", TERMS, reference="precomputed"),
     )
 }
+NLG_ONLY_METHODS = tuple(m.name for m in METHODS.values() if m.reference == "precomputed")
 LABELS = {"base": "base", **{m.name: m.label for m in METHODS.values()}}
 
 
@@ -133,8 +136,9 @@ class DemoSettings:
     )
     tiny: bool = option("a tiny random model and few steps (seconds; for tests/CI)", False)
     methods: list[str] | None = option(
-        "comma-separated methods: lora, pissa, balora, and the ablations balora-no-consistency, "
-        "balora-no-diversity, balora-no-svd (BA-LoRA with one term switched off)",
+        "comma-separated methods: lora, pissa, balora, the ablations balora-no-consistency, "
+        "balora-no-diversity, balora-no-svd (BA-LoRA with one term switched off), and NLG's balora-precomputed "
+        "(BA-LoRA from a stored top-k reference, docs/precomputed_reference.md)",
         parse=lambda text: [m.strip().lower() for m in str(text).split(",") if m.strip()],
         metavar="LIST",
     )
@@ -342,6 +346,11 @@ def resolve_settings(
                 f"--{key.replace('_', '-')} {values[key]!r} is not allowed; choose one of {', '.join(choices)}."
             )
     values["methods"] = _methods(values["methods"])
+    if task == "nlu" and set(values["methods"]) & set(NLG_ONLY_METHODS):
+        raise DemoUsageError(
+            f"--methods {','.join(values['methods'])}: {', '.join(NLG_ONLY_METHODS)} applies to --task nlg only "
+            "(classifiers use the exact reference cache instead)."
+        )
     given_count = values["seeds"] if "seeds" in given else None
     values["seed"], values["seeds"] = _seeds(values.get("seed"), given_count, values["seeds"])
     if not values["lr"] > 0:
