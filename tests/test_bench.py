@@ -28,7 +28,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     table = capsys.readouterr().out
     doc = json.loads(path.read_text())
     res, rat = doc["variants"], doc["ratios"]
-    assert set(res) == {"a", "b", "c"}
+    assert set(res) == {"a", "b", "c", "p"}
     for v, r in res.items():
         assert r["step_s"] == pytest.approx(statistics.median(r["step_s_all"])) and len(r["step_s_all"]) == 2
         assert (
@@ -42,7 +42,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
         ("step_cpu_time", "step_cpu_s"),
         ("peak_memory", "peak_mem_bytes"),
     ):
-        for pair in ("b/a", "c/a", "c/b"):
+        for pair in ("b/a", "c/a", "c/b", "p/a", "c/p"):
             x, y = pair.split("/")
             assert rat[metric][pair] == pytest.approx(res[x][key] / res[y][key], rel=1e-12)
         assert rat["rss_growth"]["b/a"] is None
@@ -60,6 +60,15 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     assert paired["b/a_cpu"] == pytest.approx(
         statistics.median(b / a for a, b in zip(paired["a_cpu_s"], paired["b_cpu_s"]))
     )
+    # (p): the precomputed reference — no snapshot adapter, its own interleaved pairs, and the precompute's cost
+    assert res["p"]["last"]["consistency"] >= 0 and "diversity" in res["p"]["last"]
+    assert len(res["p"]["paired"]["a_cpu_s"]) == 2
+    pre = doc["precompute"]
+    assert pre["tokens"] == 48 and pre["rows"] == 2 * (24 - 6) and pre["top_k"] == 64
+    assert pre["epochs_to_pay_back"] == pytest.approx(
+        pre["s_per_token"] / (t["reference_forward"] / res["b"]["tokens"])
+    )
+    assert "pays back after" in table
     g = doc["regularizers"]
     assert (g["rows"], g["vocab"], g["hidden"]) == (48, 300, 32)
     assert g["fused/plain"] == pytest.approx(g["fused_peak_bytes"] / g["plain_peak_bytes"])
