@@ -95,7 +95,7 @@ def summarise(
         cpu = results["p"].get("clock") == "cpu"
         per_token = (pre["cpu_seconds"] if cpu else pre["seconds"]) / max(pre["tokens"], 1)
         forward = (results.get("b", {}).get("terms") or {}).get("reference_forward")
-        forward_per_token = None if forward is None else forward / results["b"]["tokens"]
+        forward_per_token = ratio(forward, results["b"].get("tokens")) if forward is not None else None
         doc["precompute"] = {
             **pre,
             "clock": "cpu" if cpu else "wall",
