@@ -68,8 +68,13 @@ class BALoRATrainerMixin:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
         distributed.check_engine(self.accelerator)
         self.balora.prepare(self.model)
-        self.balora.check_dataset(getattr(self, "train_dataset", None))  # a precomputed reference: every example
-        if self.balora.mode == "precomputed" and self.balora.rewrites_base and self._balora_step0_dir() is None:
+        # a precomputed reference: every training example must have its rows, checked now
+        self.balora.check_dataset(getattr(self, "train_dataset", None))
+        if (
+            self.balora.mode == "precomputed"
+            and self.balora.rewrites_base
+            and self._balora_step0_dir() is None
+        ):
             self._balora_save_step0()
         # prepare() keeps the step-0 snapshot whenever the base was rewritten, also with a separate reference model:
         # it is what turns the trained adapter into the plain LoRA users serve (core/export.py).
@@ -202,7 +207,9 @@ class BALoRATrainerMixin:
                 peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER, state=gathered
             )
         elif self._balora_step0_dir() is not None and find_initial_adapter(output_dir) is None:
-            shutil.copytree(self._balora_step0_dir(), os.path.join(output_dir, INITIAL_DIR), dirs_exist_ok=True)
+            shutil.copytree(
+                self._balora_step0_dir(), os.path.join(output_dir, INITIAL_DIR), dirs_exist_ok=True
+            )
 
     def _save_checkpoint(self, model, trial, *args: Any, **kwargs: Any):
         # A checkpoint keeps the trainable form at its root (resume loads it there): save_model must not convert it.
@@ -352,7 +359,6 @@ class BALoRATrainerMixin:
                     "their frozen base weights were set back to the checkpoint's residual (W_res = W - s·B0A0).",
                     len(fixed),
                 )
-
 
     def _balora_check_step0(self, checkpoint: str) -> None:
         """reference='precomputed': the checkpoint's step-0 adapter must be this run's (no snapshot adapter is

@@ -105,7 +105,9 @@ def sft_train_dataset(model: nn.Module, dataset: Any, args: SFTConfig, processin
     """
     if getattr(args, "packing", False):
         args = dataclasses.replace(args, packing=False)
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class).train_dataset
+    return SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=processing_class
+    ).train_dataset
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

@@ -129,7 +129,11 @@ def test_targets_and_ratio_arithmetic():
         {"b/a": 1.6, "c/a": 2.0, "c/b": 1.25, "p/a": 1.12, "p/b": 0.7, "c/p": 20 / 11.2}
     )
     pre = doc["precompute"]  # CPU seconds per token against (b)'s reference forward per token: 1.5e-3 / 3e-2
-    assert (pre["clock"], pre["s_per_token"], pre["epochs_to_pay_back"]) == ("cpu", 1.5e-3, pytest.approx(0.05))
+    assert (pre["clock"], pre["s_per_token"], pre["epochs_to_pay_back"]) == (
+        "cpu",
+        1.5e-3,
+        pytest.approx(0.05),
+    )
     assert doc["ratios"]["peak_memory"]["c/b"] == pytest.approx(1720 / 1150)
     assert doc["nlu"]["ratios"]["step_time"] == pytest.approx(
         {"b/a": 1.5, "b_cache/a": 1.1, "b_cache/b": 2.2 / 3}

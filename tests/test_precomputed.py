@@ -113,8 +113,10 @@ def test_topk_kernel_is_the_bucketed_kl_with_its_autograd_gradient():
     top = torch.zeros_like(zr, dtype=torch.bool).scatter(1, ref.token_ids, True)
     q_tail = logq.exp().masked_fill(top, 0).sum(-1)
     p_tail = logp.exp().masked_fill(top, 0).sum(-1)
-    want = t * t * (
-        (logq.exp() * (logq - logp)).masked_fill(~top, 0).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
+    want = (
+        t
+        * t
+        * ((logq.exp() * (logq - logp)).masked_fill(~top, 0).sum(-1) + q_tail * (q_tail.log() - p_tail.log()))
     )
     (grad,) = torch.autograd.grad(want.sum() * 0.3, z)
     values, acc = KLRows(t).rows_and_grad(z.detach(), ref, 0.3, None, True)
@@ -261,7 +263,9 @@ def test_pissa_pair_needs_the_untouched_base_not_the_residual(tmp_path):
 
     BALoRAObjective(BALoRAConfig(reference="precomputed", reference_path=str(tmp_path / "w"))).prepare(pair())
     with pytest.raises(ValueError, match="residual base"):
-        BALoRAObjective(BALoRAConfig(reference="precomputed", reference_path=str(tmp_path / "res"))).prepare(pair())
+        BALoRAObjective(BALoRAConfig(reference="precomputed", reference_path=str(tmp_path / "res"))).prepare(
+            pair()
+        )
     with pytest.raises(ValueError, match="PEFT model"):
         precompute_reference(pissa, exs, str(tmp_path / "peft"), progress=False)
 
@@ -271,7 +275,9 @@ def test_refuses_a_changed_dataset_before_step_1_and_at_the_step(store):
 
     base, path = store
     model = lora(copy.deepcopy(base), init=True)
-    obj = BALoRAObjective(BALoRAConfig(reference="precomputed", reference_path=path, **CONSTANT)).prepare(model)
+    obj = BALoRAObjective(BALoRAConfig(reference="precomputed", reference_path=path, **CONSTANT)).prepare(
+        model
+    )
     obj.check_dataset(Dataset.from_list(examples()[::-1]))  # shuffled: fine
     changed = examples()
     changed[2]["input_ids"] = changed[2]["input_ids"][:-1]  # a shorter max length, another template, ...
@@ -329,3 +335,35 @@ def test_trl_trains_from_the_store_like_the_online_reference(tmp_path):
             trainer.save_model(str(tmp_path / "out"))
     assert losses["stored"] == pytest.approx(losses["online"], rel=1e-4)
     assert os.path.isfile(tmp_path / "out" / "balora_resume" / REF_ADAPTER / "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def test_balora_reference_command_on_tokenised_and_on_raw_data(tmp_path, capsys):
+    from datasets import Dataset
+
+    from balora_plugins.tools.cli import main
+
+    model_dir = str(tmp_path / "base")
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    Dataset.from_list(examples()).save_to_disk(str(tmp_path / "tokenised"))
+    out = str(tmp_path / "ref")
+    assert (
+        main(["reference", str(tmp_path / "tokenised"), "--model", model_dir, "--out", out, "--top-k", "8"])
+        == 0
+    )
+    manifest = json.load(open(os.path.join(out, pc.MANIFEST)))
+    assert manifest["complete"] and manifest["distinct_examples"] == 6 and manifest["top_k"] == 8
+    assert manifest["settings"]["tokenizer"]["sha256"] and "reference_path=" in capsys.readouterr().out
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(
+        "\n".join(json.dumps({"prompt": f"a b {w}", "completion": f"c {w} d"}) for w in ("e", "f", "g"))
+        + "\n"
+    )
+    out2 = str(tmp_path / "ref2")
+    assert main(["reference", str(raw), "--model", model_dir, "--out", out2, "--max-length", "16"]) == 0
+    manifest = json.load(open(os.path.join(out2, pc.MANIFEST)))
+    assert manifest["settings"]["source"] == "TRL SFT preparation" and manifest["distinct_examples"] == 3
+    # the same folder with other settings: refused, with the fix
+    assert main(["reference", str(raw), "--model", model_dir, "--out", out2, "--top-k", "4"]) == 1
+    assert "--overwrite" in capsys.readouterr().err

@@ -199,7 +199,9 @@ class BALoRAObjective:
         if mode != "precomputed":
             return OnlineReference(self)
         current = self.source
-        if isinstance(current, PrecomputedReference) and current.store.path == str(self.config.reference_path):
+        if isinstance(current, PrecomputedReference) and current.store.path == str(
+            self.config.reference_path
+        ):
             return current
         source = PrecomputedReference(self.config.reference_path, self.config.consistency_temperature)
         source.check_kernels(self.terms, self.config.lambdas)

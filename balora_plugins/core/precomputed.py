@@ -236,7 +236,11 @@ def _write_manifest(out: str, manifest: dict[str, Any]) -> None:
 
 
 def _own_files(out: str) -> list[str]:
-    return [n for n in os.listdir(out) if n.startswith(MANIFEST) or (n.startswith("shard-") and ".safetensors" in n)]
+    return [
+        n
+        for n in os.listdir(out)
+        if n.startswith(MANIFEST) or (n.startswith("shard-") and ".safetensors" in n)
+    ]
 
 
 def precompute_reference(
@@ -293,6 +297,12 @@ def precompute_reference(
     temperatures = [float(t) for t in temperatures]
     if not temperatures or any(not t > 0 for t in temperatures):
         raise ValueError(f"temperatures={temperatures!r} must be numbers > 0 (the presets use 1 and 2).")
+    if "seq_lengths" in (getattr(dataset, "column_names", None) or ()):
+        raise ValueError(
+            "the dataset is packed (it has seq_lengths): pass the tokenised examples before packing (TRL: "
+            "balora_plugins.trl.sft_train_dataset; `balora reference` does this for raw data); training finds the "
+            "documents of a packed row by their token ids."
+        )
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty: nothing to precompute.")
@@ -360,11 +370,14 @@ def precompute_reference(
                     continue
                 seen.add(key)
                 block.append((key, ids, pos))
-            rows, tokens = _run_block(backbone, head, block, device, top_k, temperatures, batch_size, chunk_size)
+            rows, tokens = _run_block(
+                backbone, head, block, device, top_k, temperatures, batch_size, chunk_size
+            )
             name = SHARD.format(len(manifest["shards"]))
             tensors = {
-                "keys": torch.tensor(np.frombuffer(b"".join(k for k, _, _ in block), dtype=np.uint8).copy())
-                .reshape(len(block), KEY_BYTES)
+                "keys": torch.tensor(
+                    np.frombuffer(b"".join(k for k, _, _ in block), dtype=np.uint8).copy()
+                ).reshape(len(block), KEY_BYTES)
                 if block
                 else torch.zeros(0, KEY_BYTES, dtype=torch.uint8),
                 "lengths": torch.tensor([len(ids) for _, ids, _ in block], dtype=torch.int64),
@@ -375,7 +388,9 @@ def precompute_reference(
             }
             save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, name + ".tmp"))
             os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-            manifest["shards"].append({"file": name, "examples": len(block), "rows": int(rows["positions"].shape[0])})
+            manifest["shards"].append(
+                {"file": name, "examples": len(block), "rows": int(rows["positions"].shape[0])}
+            )
             manifest["done_examples"] = min(a + shard_size, n)
             manifest["rows"] += int(rows["positions"].shape[0])
             manifest["tokens"] += tokens
@@ -456,13 +471,19 @@ class ReferenceStore:
         self.manifest = manifest
         self._files = [os.path.join(self.path, s["file"]) for s in manifest["shards"]]
         self._handles: dict[int, Any] = {}
-        self.index: dict[bytes, tuple[int, int, int, int]] = {}  # key -> (shard, first row, row count, length)
-        for s, file in enumerate(self._files):
+        # key -> (shard, first row, row count, example length)
+        self.index: dict[bytes, tuple[int, int, int, int]] = {}
+        for s in range(len(self._files)):
             f = self._open(s)
             keys, offsets = f.get_tensor("keys").numpy(), f.get_tensor("row_offsets").numpy()
             lengths = f.get_tensor("lengths").numpy()
             for e in range(keys.shape[0]):
-                self.index[bytes(keys[e])] = (s, int(offsets[e]), int(offsets[e + 1] - offsets[e]), int(lengths[e]))
+                self.index[bytes(keys[e])] = (
+                    s,
+                    int(offsets[e]),
+                    int(offsets[e + 1] - offsets[e]),
+                    int(lengths[e]),
+                )
 
     def _open(self, shard: int):
         if shard not in self._handles:
@@ -636,7 +657,9 @@ class PrecomputedReference:
             )
         ids_np = ids.detach().to("cpu").numpy()
         attn = inputs.get("attention_mask")
-        attn_np = attn.detach().to("cpu").numpy() if isinstance(attn, torch.Tensor) and attn.dim() == 2 else None
+        attn_np = (
+            attn.detach().to("cpu").numpy() if isinstance(attn, torch.Tensor) and attn.dim() == 2 else None
+        )
         pos = inputs.get("position_ids")
         pos_np = pos.detach().to("cpu").reshape(ids.shape).numpy() if isinstance(pos, torch.Tensor) else None
         mask_np = mask.detach().to("cpu").numpy()
@@ -648,7 +671,9 @@ class PrecomputedReference:
             if not want_b.any():
                 continue
             covered = np.zeros(width, dtype=bool)
-            segs = _segments(ids_np[b], None if attn_np is None else attn_np[b], None if pos_np is None else pos_np[b])
+            segs = _segments(
+                ids_np[b], None if attn_np is None else attn_np[b], None if pos_np is None else pos_np[b]
+            )
             for seg in segs:
                 covered[seg] = True
                 local = np.nonzero(want_b[seg])[0]

@@ -318,7 +318,11 @@ def prepare_reference(
         )
     peft_model.__dict__.setdefault(_START_ATTR, {})[adapter] = start
     in_memory = mode != "precomputed"
-    if in_memory and (start.rewritten or mode == "adapter_snapshot") and REF_ADAPTER not in peft_model.peft_config:
+    if (
+        in_memory
+        and (start.rewritten or mode == "adapter_snapshot")
+        and REF_ADAPTER not in peft_model.peft_config
+    ):
         add_snapshot_adapter(peft_model, adapter)
     return mode
 

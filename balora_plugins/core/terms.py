@@ -167,7 +167,8 @@ class KLRows:
         logp_k = logp.gather(1, ids)
         logq_k = ref.logits / t - ref.log_normalizer[:, None]
         q_k = logq_k.exp()
-        logp_tail = logp.scatter_(1, ids, float("-inf")).logsumexp(-1)  # log p̄; the buffer keeps the tail's log p
+        # log p̄; the buffer keeps the tail's log p
+        logp_tail = logp.scatter_(1, ids, float("-inf")).logsumexp(-1)
         logq_tail = ref.tail_log_mass
         has_tail = logq_tail > float("-inf")
         log_ratio = torch.where(has_tail, logq_tail - logp_tail, 0.0)  # log(q̄/p̄); 0 for an empty tail

@@ -79,9 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     g.add_argument("--term-reps", type=int, default=2, help="repetitions of the per-term timings of (b)")
+    g.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="instead: the precomputed top-k reference's error and gradient cosine against the exact term on real "
+        "text (see `balora bench --fidelity --help`)",
+    )
     g.add_argument("--variants", default="abcp", help="which of a, b, c, p to run (e.g. 'ab')")
     g.add_argument(
-        "--top-k", type=int, default=None, help="(p): reference logits stored per position (default: the library's)"
+        "--top-k",
+        type=int,
+        default=None,
+        help="(p): reference logits stored per position (default: the library's)",
     )
     g.add_argument(
         "--no-regularizers", action="store_true", help="skip the regularizers-only memory comparison"

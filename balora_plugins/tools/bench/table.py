@@ -197,13 +197,22 @@ def format_table(doc: dict[str, Any]) -> str:
             )
     if "precompute" in doc:
         pre = doc["precompute"]
-        per_k = None if pre["reference_forward_s_per_token"] is None else 1e3 * pre["reference_forward_s_per_token"]
+        per_k = (
+            None
+            if pre["reference_forward_s_per_token"] is None
+            else 1e3 * pre["reference_forward_s_per_token"]
+        )
         lines += [
             "",
             f"(p)'s precompute (`balora reference`, k={pre['top_k']}): {1e3 * pre['s_per_token']:.3f} {pre['clock']} s per "
             f"1k tokens, {pre['bytes'] / max(pre['rows'], 1):,.0f} bytes per stored position; (b)'s reference "
-            f"forward: " + ("—" if per_k is None else f"{per_k:.3f} s per 1k tokens")
-            + ("" if pre["epochs_to_pay_back"] is None else f" -> pays back after {pre['epochs_to_pay_back']:.2f} epochs"),
+            f"forward: "
+            + ("—" if per_k is None else f"{per_k:.3f} s per 1k tokens")
+            + (
+                ""
+                if pre["epochs_to_pay_back"] is None
+                else f" -> pays back after {pre['epochs_to_pay_back']:.2f} epochs"
+            ),
         ]
     for dtype, sec in doc.get("dtypes", {}).items():
         lines += ["", f"(a) and (b) in {dtype} (peak memory of the first step; one timed step):"]

@@ -89,7 +89,8 @@ def run_variant(variant: str, args: argparse.Namespace, dtype: str | None = None
         f"model ready in {time.perf_counter() - t_build:.1f} s ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M "
         f"params, {args.batch}×{args.seq_len} tokens, r={args.rank}); measuring memory"
     )
-    store = precompute_store(args, dtype, batch, say) if variant == "p" else None  # before the meter: not training
+    # (p)'s precompute runs before the meter starts: it is not part of training
+    store = precompute_store(args, dtype, batch, say) if variant == "p" else None
     meter = MemoryMeter(args.device)
     meter.start()
     cfg = balora_config(args)

@@ -348,7 +348,8 @@ def run_nlg(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
         mcfg = method_config(cfg, method)
         if mcfg is None:
             return SFTTrainer(**common), None
-        if method.reference == "precomputed":  # step 1 of the two-step recipe: the base model over this seed's data
+        # step 1 of the two-step recipe: the base model runs once over this seed's training data
+        if method.reference == "precomputed":
             t0 = time.perf_counter()
             store = os.path.join(run_dir, "reference")
             tokenized = sft_train_dataset(model, train_ds, args, tok)

@@ -84,7 +84,8 @@ def summarise(
 def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     """(method, baseline) pairs the verdict lines report, among ``methods``."""
     ablations = [m for m in methods if m.startswith("balora-no-")]
-    variants = [m for m in methods if m.startswith("balora-") and m not in ablations]  # e.g. balora-precomputed
+    # other BA-LoRA variants, e.g. balora-precomputed
+    variants = [m for m in methods if m.startswith("balora-") and m not in ablations]
     extra = [(v, b) for v in variants for b in ("balora", "pissa") if b in methods]
     if "balora" in methods:
         pairs = [("balora", b) for b in ("pissa", "lora") if b in methods]
