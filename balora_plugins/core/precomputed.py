@@ -44,7 +44,7 @@ from torch import nn
 
 from ..functional import IGNORE_INDEX
 from .fused import TopKRows
-from .model import decoder_of, output_head
+from .model import decoder_of, output_head, probe_possible
 
 FORMAT = "balora-topk-reference"
 FORMAT_VERSION = 1
@@ -544,7 +544,8 @@ class PrecomputedReference:
 
         ``model`` runs at step 0 (for every accepted init it *is* the reference); ``base`` is its base model
         (architecture settings, revision). Checked: the architecture settings, the revision where both are known,
-        and the logits on the stored probe sequence (relative difference ≤ :data:`PROBE_TOL`).
+        and the logits on the stored probe sequence (relative difference ≤ :data:`PROBE_TOL`) where the weights
+        are materialised (not ZeRO-3 placeholders).
         """
         stored = self.store.manifest["model"]
         now = model_fingerprint(base)
@@ -564,6 +565,8 @@ class PrecomputedReference:
                 f"{where} was computed from revision {stored['revision']!r}, the model being trained is revision "
                 f"{now['revision']!r}. Run `balora reference` again with this revision."
             )
+        if not probe_possible(model):  # ZeRO-3 placeholders: the fingerprint above is all that can be read
+            return
         probe = self.store.manifest["probe"]
         logits = _probe_logits(model, probe["input_ids"])
         ids = torch.tensor(probe["token_ids"], device=logits.device)
