@@ -367,3 +367,47 @@ def test_balora_reference_command_on_tokenised_and_on_raw_data(tmp_path, capsys)
     # the same folder with other settings: refused, with the fix
     assert main(["reference", str(raw), "--model", model_dir, "--out", out2, "--top-k", "4"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the other doors
+def test_callback_door_trains_from_the_store(store, tmp_path):
+    """The plain transformers Trainer with BALoRACallback on a tokenised dataset: the store is checked against the
+    dataset before step 1, and training runs with no snapshot adapter."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from balora_plugins.callback import BALoRACallback
+
+    base, path = store
+    cfg = BALoRAConfig(reference="precomputed", reference_path=path, **CONSTANT)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=3, use_cpu=True,
+        report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=1e-2,
+    )  # fmt: skip
+    collate_fn = DataCollatorForSeq2Seq(tiny_tokenizer(), padding=True)
+    trainer = Trainer(
+        model=lora(copy.deepcopy(base), init="pissa"),
+        args=args,
+        train_dataset=Dataset.from_list(examples()),
+        data_collator=collate_fn,
+        callbacks=[BALoRACallback(cfg)],
+    )
+    assert REF_ADAPTER not in trainer.model.peft_config
+    trainer.train()
+    assert any("balora/consistency" in h for h in trainer.state.log_history)
+    changed = Dataset.from_list(examples(seed=5))
+    with pytest.raises(ValueError, match="have no row in the precomputed reference"):
+        Trainer(model=lora(copy.deepcopy(base), init=True), args=args, train_dataset=changed,
+                data_collator=collate_fn, callbacks=[BALoRACallback(cfg)])  # fmt: skip
+
+
+@pytest.mark.axolotl
+def test_axolotl_keys_reach_the_config():
+    pytest.importorskip("axolotl")
+    from balora_plugins.axolotl.args import BALoRAArgs, balora_config_from_cfg
+
+    cfg = balora_config_from_cfg({"balora_reference": "precomputed", "balora_reference_path": "ref/"})
+    assert (cfg.reference, cfg.reference_path) == ("precomputed", "ref/")
+    assert BALoRAArgs.model_fields["balora_reference_path"].description.startswith("With reference='precomputed'")
+    with pytest.raises(ValueError, match="balora_reference_path"):
+        balora_config_from_cfg({"balora_reference": "precomputed"})
