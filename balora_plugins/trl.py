@@ -101,10 +101,10 @@ def sft_train_dataset(model: nn.Module, dataset: Any, args: SFTConfig, processin
     examples :func:`~balora_plugins.core.precompute_reference` takes (a packed batch is split back into them).
 
     TRL's own preparation runs (an ``SFTTrainer`` is built and dropped), so the token ids are the ones training
-    sees, whatever the TRL release. ``model`` is only what that trainer is built on; it is not changed.
+    sees, whatever the TRL release. ``model`` is only what that trainer is built on (without gradient
+    checkpointing, so TRL leaves its modules as they are).
     """
-    if getattr(args, "packing", False):
-        args = dataclasses.replace(args, packing=False)
+    args = dataclasses.replace(args, packing=False, gradient_checkpointing=False)
     return SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processing_class
     ).train_dataset

@@ -78,7 +78,8 @@ def test_every_string_field_is_a_choice_with_its_allowed_values():
     assert CHOICES["regularizer_schedule"] == ("constant", "warmup", "linear_warmup", "quadratic_warmup")
     for name, allowed in CHOICES.items():
         for value in allowed:
-            assert getattr(BALoRAConfig(**{name: value, "shift_labels": True}), name) == value
+            path = {"reference_path": "ref/"} if value == "precomputed" else {}  # its store's folder
+            assert getattr(BALoRAConfig(**{name: value, "shift_labels": True}, **path), name) == value
 
 
 def test_incompatible_combinations():
@@ -283,6 +284,8 @@ def _valid_configs(draw):
     kw["warmup_ramp"] = draw(st.floats(min_value=0.0, max_value=1.0 - kw["warmup_start"]))
     kw["eps"] = draw(st.floats(min_value=1e-12, max_value=1e-3))
     kw["shift_labels"] = True if kw["task"] == "nlu" else draw(st.booleans())
+    if kw["reference"] == "precomputed":  # causal LMs only, with the folder of its store
+        kw.update(reference="auto") if kw["task"] == "nlu" else kw.update(reference_path="ref/")
     return kw
 
 

@@ -408,6 +408,8 @@ def test_axolotl_keys_reach_the_config():
 
     cfg = balora_config_from_cfg({"balora_reference": "precomputed", "balora_reference_path": "ref/"})
     assert (cfg.reference, cfg.reference_path) == ("precomputed", "ref/")
-    assert BALoRAArgs.model_fields["balora_reference_path"].description.startswith("With reference='precomputed'")
+    assert BALoRAArgs.model_fields["balora_reference_path"].description.startswith(
+        "With reference='precomputed'"
+    )
     with pytest.raises(ValueError, match="balora_reference_path"):
         balora_config_from_cfg({"balora_reference": "precomputed"})

@@ -41,6 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..functional import IGNORE_INDEX
 from .fused import TopKRows
@@ -283,8 +284,6 @@ def precompute_reference(
     Returns:
         The manifest (also written to ``out/manifest.json``).
     """
-    from tqdm.auto import tqdm
-
     if hasattr(model, "peft_config"):
         raise ValueError(
             "precompute_reference got a PEFT model; pass the untouched pre-trained model (the reference BA-LoRA "
