@@ -284,8 +284,10 @@ def _valid_configs(draw):
     kw["warmup_ramp"] = draw(st.floats(min_value=0.0, max_value=1.0 - kw["warmup_start"]))
     kw["eps"] = draw(st.floats(min_value=1e-12, max_value=1e-3))
     kw["shift_labels"] = True if kw["task"] == "nlu" else draw(st.booleans())
-    if kw["reference"] == "precomputed":  # causal LMs only, with the folder of its store
-        kw.update(reference="auto") if kw["task"] == "nlu" else kw.update(reference_path="ref/")
+    if kw["reference"] == "precomputed" and kw["task"] == "nlu":  # causal LMs only
+        kw["reference"] = "auto"
+    elif kw["reference"] == "precomputed":  # with the folder of its store
+        kw["reference_path"] = "ref/"
     return kw
 
 
