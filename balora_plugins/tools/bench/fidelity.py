@@ -124,12 +124,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kl = KLRows(t)
             exact, _ = chunked_row_terms(rows, ref_rows, head, [kl], [1.0], 256)
             (g_exact,) = torch.autograd.grad(exact, rows)
+            exact = float(exact.detach())
             m = rows.shape[0]
             for k in ks:
                 approx, _ = chunked_row_terms(
                     rows, _topk_reference(head, ref_rows, k, t), head, [kl], [1.0], 256
                 )
                 (g_k,) = torch.autograd.grad(approx, rows)
+                approx = float(approx.detach())
                 cos = torch.nn.functional.cosine_similarity(g_k.flatten(), g_exact.flatten(), dim=0)
                 results.append(
                     {
@@ -137,9 +139,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "temperature": t,
                         "k": k,
                         "rows": m,
-                        "term": float(exact) / m,
-                        "term_topk": float(approx) / m,
-                        "relative_error": abs(float(approx) - float(exact)) / max(float(exact), 1e-30),
+                        "term": exact / m,
+                        "term_topk": approx / m,
+                        "relative_error": abs(approx - exact) / max(exact, 1e-30),
                         "gradient_cosine": float(cos),
                     }
                 )
