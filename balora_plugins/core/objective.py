@@ -84,8 +84,6 @@ class OnlineReference:
     :class:`~balora_plugins.core.precomputed.PrecomputedReference` (``reference='precomputed'``): both give the
     objective the reference rows of the valid positions and the reference's mean tempered entropy."""
 
-    needs_forward = True
-
     def __init__(self, objective: BALoRAObjective):
         self.objective = objective
 
@@ -101,7 +99,7 @@ class OnlineReference:
         obj = self.objective
         kernel = TemperedEntropyRows(obj.config.consistency_temperature)
         with torch.no_grad(), torch.autocast(device_type=ref_rows.device.type, enabled=False):
-            if obj.head is not None and obj.config.task == "nlg":
+            if obj.head is not None:  # NLG: hidden states through the head (NLU keeps no head)
                 _, sums = chunked_row_terms(ref_rows, None, obj.head, [kernel], [0.0], obj.config.chunk_size)
                 return float(sums[0]) / ref_rows.shape[0], obj.head.weight.shape[0]
             return float(kernel(ref_rows.float(), None).mean()), ref_rows.shape[-1]
@@ -406,8 +404,9 @@ class BALoRAObjective:
         mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
         # Every rank reads the head, rows or not: a collective under ZeRO-3 and FSDP (so is an online reference
-        # forward: OnlineReference.rows). The head is read afresh (FSDP2 swaps the module's parameters after prepare()); a sharded head is copied
-        # whole for the step while its parameter stays the Gram-factor cache's key (FSDP1: its root unit gathered).
+        # forward: OnlineReference.rows). The head is read afresh (FSDP2 swaps the module's parameters after
+        # prepare()); a sharded head is copied whole for the step while its parameter stays the Gram-factor cache's
+        # key (FSDP1: its root unit gathered).
         with distributed.unsharded_root(model, fsdp2=False):
             self.head = output_head(ref.unwrap(model).get_base_model())
         ref_rows = self.source.rows(model, inputs, mask) if need_ref else None
