@@ -522,8 +522,6 @@ class PrecomputedReference:
     rows of the valid positions (:meth:`rows`) where an online source runs the reference forward.
     """
 
-    needs_forward = False
-
     def __init__(self, path: str | os.PathLike, temperature: float):
         self.store = ReferenceStore(path)
         temps = self.store.temperatures
