@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "term_topk": approx / m,
                         "relative_error": abs(approx - exact) / max(exact, 1e-30),
                         "gradient_cosine": float(cos),
+                        "gradient_norm_ratio": float(g_k.norm() / g_exact.norm().clamp(min=1e-30)),
                     }
                 )
         del student, rows
@@ -161,12 +162,13 @@ def format_table(doc: dict[str, Any]) -> str:
         f"fidelity of the precomputed top-k reference — {doc['model']}, |V| = {doc['vocab']}, "
         f"{doc['results'][0]['rows']} positions ({doc['problems']} GSM solutions + {doc['articles']} news articles)",
         "",
-        f"{'scale':>6} {'T':>4} {'term (exact)':>13} {'k':>5} {'term (top-k)':>13} {'rel. error':>11} {'grad cosine':>12}",
+        f"{'scale':>6} {'T':>4} {'term (exact)':>13} {'k':>5} {'term (top-k)':>13} {'rel. error':>11} "
+        f"{'grad cosine':>12} {'grad norm ratio':>16}",
     ]
     for r in doc["results"]:
         lines.append(
             f"{r['scale']:>6g} {r['temperature']:>4g} {r['term']:>13.5g} {r['k']:>5} {r['term_topk']:>13.5g} "
-            f"{r['relative_error']:>11.2e} {r['gradient_cosine']:>12.6f}"
+            f"{r['relative_error']:>11.2e} {r['gradient_cosine']:>12.6f} {r.get('gradient_norm_ratio', float('nan')):>16.4f}"
         )
     return "\n".join(lines)
 
