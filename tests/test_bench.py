@@ -64,7 +64,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     assert res["p"]["last"]["consistency"] >= 0 and "diversity" in res["p"]["last"]
     assert len(res["p"]["paired"]["a_cpu_s"]) == 2
     pre = doc["precompute"]
-    assert pre["tokens"] == 48 and pre["rows"] == 2 * (24 - 6) and pre["top_k"] == 64
+    assert pre["tokens"] == 48 and pre["rows"] == 2 * (24 - 6) and pre["top_k"] == 128
     assert pre["epochs_to_pay_back"] == pytest.approx(
         pre["s_per_token"] / (t["reference_forward"] / res["b"]["tokens"])
     )

@@ -52,7 +52,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD = "shard-{:05d}.safetensors"
 KEY_BYTES = 16
-DEFAULT_TOP_K = 64
+DEFAULT_TOP_K = 128
 """k stored per position by default (chosen from the fidelity numbers in docs/precomputed_reference.md)."""
 DEFAULT_TEMPERATURES = (1.0, 2.0)
 """The presets' temperatures: ``iclr2026-nlg`` T = 2, ``v5-nlg`` T = 1 (no tempering)."""

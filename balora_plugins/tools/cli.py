@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--out", required=True, help="output folder (resumed when it holds an unfinished run)")
     pre.add_argument(
-        "--top-k", type=int, default=None, help="logits kept per position (default: the library's, 64)"
+        "--top-k", type=int, default=None, help="logits kept per position (default: the library's, 128)"
     )
     pre.add_argument(
         "--temperatures", default="1,2", help="comma-separated T the store serves (default 1,2: the presets')"
