@@ -61,7 +61,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
         statistics.median(b / a for a, b in zip(paired["a_cpu_s"], paired["b_cpu_s"]))
     )
     # (p): the precomputed reference — no snapshot adapter, its own interleaved pairs, and the precompute's cost
-    assert res["p"]["last"]["consistency"] >= 0 and "diversity" in res["p"]["last"]
+    assert res["p"]["last"]["consistency"] > -1e-6 and "diversity" in res["p"]["last"]  # ~0 up to rounding
     assert len(res["p"]["paired"]["a_cpu_s"]) == 2
     pre = doc["precompute"]
     assert pre["tokens"] == 48 and pre["rows"] == 2 * (24 - 6) and pre["top_k"] == 128
