@@ -22,7 +22,7 @@ FORMULATIONS = ("iclr2026", "v5")
 SVD_NORMS = ("auto", "frobenius", "nuclear")
 CONSISTENCY_SCHEDULES = ("constant", "cosine", "adaptive")
 REGULARIZER_SCHEDULES = ("constant", "warmup", "linear_warmup", "quadratic_warmup")
-REFERENCES = ("auto", "adapter_snapshot", "disabled_adapter", "model")
+REFERENCES = ("auto", "adapter_snapshot", "disabled_adapter", "model", "precomputed")
 ON_NONFINITE = ("skip", "raise")
 REFERENCE_HEADS = ("initial", "current")
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
@@ -136,8 +136,14 @@ class BALoRAConfig:
         "Reference for the consistency term: `auto` (the snapshot when the adapter's base was rewritten: PiSSA-like "
         "inits, a pre-initialised PiSSA pair; the disabled adapter when the adapter adds nothing at the start; "
         "refused when the model cannot tell), `adapter_snapshot` (frozen copy of the initial adapter), "
-        "`disabled_adapter`, or `model` (a separate reference model you pass).",
+        "`disabled_adapter`, `model` (a separate reference model you pass), or `precomputed` (NLG: the top-k "
+        "reference `balora reference` stored at reference_path; no reference forward, no snapshot adapter in "
+        "memory; docs/precomputed_reference.md).",
         default="auto",
+    )
+    reference_path: str | None = _help(
+        "With reference='precomputed': the folder `balora reference` wrote (manifest.json + shards).",
+        default=None,
     )
     chunk_size: int = _help(
         "Token positions per chunk in the fused NLG path; peak extra memory ≈ chunk_size × |V| × 4 bytes × a few.",
@@ -256,6 +262,7 @@ class BALoRAConfig:
             )
         if not isinstance(self.hub_push_resume, bool):
             raise ValueError(f"BALoRAConfig.hub_push_resume={self.hub_push_resume!r} must be True or False.")
+        self._validate_precomputed()
         if not isinstance(self.reference_cache, bool):
             raise ValueError(f"BALoRAConfig.reference_cache={self.reference_cache!r} must be True or False.")
         if self.reference_cache and self.task != "nlu":
@@ -274,6 +281,29 @@ class BALoRAConfig:
                 "BALoRAConfig.reference_cache=True with reference_head='current': the reference logits are read "
                 "through the head being trained, so they change every step and cannot be cached. Set "
                 "reference_cache=False (or reference_head='initial')."
+            )
+
+    def _validate_precomputed(self) -> None:
+        path = self.reference_path
+        if path is not None and (not isinstance(path, str | os.PathLike) or not str(path)):
+            raise ValueError(
+                f"BALoRAConfig.reference_path={path!r} must be the folder `balora reference` wrote (a path)."
+            )
+        if self.reference == "precomputed":
+            if self.task != "nlg":
+                raise ValueError(
+                    "BALoRAConfig.reference='precomputed' applies to task='nlg' (a stored top-k reference per token); "
+                    "for classifiers use reference_cache=True, which is exact."
+                )
+            if path is None:
+                raise ValueError(
+                    "BALoRAConfig.reference='precomputed' needs BALoRAConfig.reference_path: the folder written by "
+                    "`balora reference DATA --model BASE --out FOLDER` (docs/precomputed_reference.md)."
+                )
+        elif path is not None:
+            raise ValueError(
+                f"BALoRAConfig.reference_path={path!r} only applies with BALoRAConfig.reference='precomputed' (it is "
+                f"{self.reference!r}); set reference='precomputed' or leave reference_path unset."
             )
 
     def _validate_adaptive(self) -> None:

@@ -17,10 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
+import weakref
 from collections import defaultdict
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CONFIG_NAME, BALoRAConfig
@@ -28,6 +31,7 @@ from .core import distributed
 from .core.card import CARD_NAME, TAGS, update_model_card
 from .core.export import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     APPROXIMATE_REASON,
     HELD_RESUME_DIR,
     INITIAL_DIR,
@@ -75,6 +79,14 @@ class BALoRATrainerMixin:
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
         distributed.check_engine(self.accelerator, unwrap(self.model))
         self.balora.prepare(self.model)
+        # a precomputed reference: every training example must have its rows, checked now
+        self.balora.check_dataset(getattr(self, "train_dataset", None))
+        if (
+            self.balora.mode == "precomputed"
+            and self.balora.rewrites_base
+            and self._balora_step0_dir() is None
+        ):
+            self._balora_save_step0()
         # prepare() keeps the step-0 snapshot whenever the base was rewritten, also with a separate reference model:
         # it is what turns the trained adapter into the plain LoRA users serve (core/export.py).
         peft_model = unwrap(self.model)
@@ -83,6 +95,23 @@ class BALoRATrainerMixin:
             add_tags(list(TAGS))
         if ref_model is not None:
             self.balora.ref_model = self._balora_placed(ref_model)
+
+    def _balora_step0_dir(self) -> str | None:
+        return self.__dict__.get("_balora_step0")
+
+    def _balora_save_step0(self) -> None:
+        """reference='precomputed' on a rewritten base keeps no snapshot adapter in memory: the step-0 adapter, which
+        the exports and every checkpoint need (core/export.py), goes to a temporary folder now (every rank: a
+        collective when an engine shards the adapter; the main process writes) and is copied into each save."""
+        peft_model = unwrap(self.model)
+        name = self.balora.adapter_name
+        state = distributed.full_adapter_state(peft_model, name, wrapped=self.model_wrapped)
+        if not self.args.should_save:
+            return
+        folder = tempfile.mkdtemp(prefix="balora_step0_")
+        save_initial_adapter(peft_model, folder, adapter_name=name, source=name, state=state)
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        self.__dict__["_balora_step0"] = folder
 
     def _balora_placed(self, ref_model):
         """``ref_model`` placed like TRL places its own reference model (DeepSpeed: an inference engine, sharded
@@ -186,6 +215,10 @@ class BALoRATrainerMixin:
         ):
             save_initial_adapter(
                 peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER, state=gathered
+            )
+        elif self._balora_step0_dir() is not None and find_initial_adapter(output_dir) is None:
+            shutil.copytree(
+                self._balora_step0_dir(), os.path.join(output_dir, INITIAL_DIR), dirs_exist_ok=True
             )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -390,6 +423,8 @@ class BALoRATrainerMixin:
         initial adapter)."""
         peft_model = unwrap(model)
         if REF_ADAPTER not in peft_model.peft_config:
+            if self._balora_step0_dir() is not None:
+                self._balora_check_step0(checkpoint)
             return
         initial = find_initial_adapter(checkpoint)
         if initial is None:
@@ -407,6 +442,30 @@ class BALoRATrainerMixin:
                     "their frozen base weights were set back to the checkpoint's residual (W_res = W - s·B0A0).",
                     len(fixed),
                 )
+
+    def _balora_check_step0(self, checkpoint: str) -> None:
+        """reference='precomputed': the checkpoint's step-0 adapter must be this run's (no snapshot adapter is
+        kept to set a randomised init's residual base back to the checkpoint's)."""
+        initial = find_initial_adapter(checkpoint)
+        if initial is None:
+            raise FileNotFoundError(
+                f"BA-LoRA: checkpoint {checkpoint!r} holds no {INITIAL_DIR}/ (the step-0 adapter the exports need); "
+                "resume from a checkpoint written by a BA-LoRA trainer."
+            )
+        theirs = load_file(os.path.join(initial, ADAPTER_WEIGHTS))
+        mine = load_file(os.path.join(self._balora_step0_dir(), ADAPTER_WEIGHTS))
+        same = theirs.keys() == mine.keys() and all(
+            torch.allclose(theirs[k].float(), mine[k].float(), rtol=1e-5, atol=1e-7) for k in mine
+        )
+        if not same:
+            init = lora_init(unwrap(self.model), self.balora.adapter_name)
+            raise ValueError(
+                f"resuming with reference='precomputed': the checkpoint's step-0 adapter differs from this run's "
+                f"(init_lora_weights={init!r} drew another randomised SVD), so the frozen base is not the residual "
+                "the checkpoint was trained on, and no snapshot adapter is kept to set it back. Resume with "
+                "init_lora_weights='pissa' (exact, deterministic SVD), or with reference='auto'."
+            )
+        shutil.copytree(initial, self._balora_step0_dir(), dirs_exist_ok=True)
 
 
 TASK_LOSS = "balora/task_loss"

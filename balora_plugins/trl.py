@@ -43,7 +43,7 @@ from .core.quantized import get_qpissa_model, wants_qpissa
 from .core.reference import is_peft_model, lora_init, resolve_mode, unwrap
 from .trainer_mixin import BALoRATrainerMixin, refuse_overwriting_checkpoints
 
-__all__ = ["BALoRASFTConfig", "BALoRASFTTrainer"]
+__all__ = ["BALoRASFTConfig", "BALoRASFTTrainer", "sft_train_dataset"]
 
 NLG_PRESETS = tuple(name for name, values in PRESETS.items() if values["task"] == "nlg")
 
@@ -164,6 +164,21 @@ def resolve_balora_config(balora_config: BALoRAConfig | str | dict | None, args:
             "balora_* fields unset."
         )
     return given
+
+
+def sft_train_dataset(model: nn.Module, dataset: Any, args: SFTConfig, processing_class: Any) -> Any:
+    """``dataset`` prepared exactly as an ``SFTTrainer`` with these ``args`` prepares it — chat template, tokens,
+    completion / assistant masks or labels, truncation at ``args.max_length`` — but not packed: the tokenised
+    examples :func:`~balora_plugins.core.precompute_reference` takes (a packed batch is split back into them).
+
+    TRL's own preparation runs (an ``SFTTrainer`` is built and dropped), so the token ids are the ones training
+    sees, whatever the TRL release. ``model`` is only what that trainer is built on (without gradient
+    checkpointing, so TRL leaves its modules as they are).
+    """
+    args = dataclasses.replace(args, packing=False, gradient_checkpointing=False)
+    return SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=processing_class
+    ).train_dataset
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

@@ -29,7 +29,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     table = capsys.readouterr().out
     doc = json.loads(path.read_text())
     res, rat = doc["variants"], doc["ratios"]
-    assert set(res) == {"a", "b", "c"}
+    assert set(res) == {"a", "b", "c", "p"}
     for v, r in res.items():
         assert r["step_s"] == pytest.approx(statistics.median(r["step_s_all"])) and len(r["step_s_all"]) == 2
         assert (
@@ -43,7 +43,7 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
         ("step_cpu_time", "step_cpu_s"),
         ("peak_memory", "peak_mem_bytes"),
     ):
-        for pair in ("b/a", "c/a", "c/b"):
+        for pair in ("b/a", "c/a", "c/b", "p/a", "c/p"):
             x, y = pair.split("/")
             assert rat[metric][pair] == pytest.approx(res[x][key] / res[y][key], rel=1e-12)
         assert rat["rss_growth"]["b/a"] is None
@@ -61,6 +61,15 @@ def test_bench_smoke_document_table_and_ratios(tmp_path, capsys):
     assert paired["b/a_cpu"] == pytest.approx(
         statistics.median(b / a for a, b in zip(paired["a_cpu_s"], paired["b_cpu_s"]))
     )
+    # (p): the precomputed reference — no snapshot adapter, its own interleaved pairs, and the precompute's cost
+    assert res["p"]["last"]["consistency"] > -1e-6 and "diversity" in res["p"]["last"]  # ~0 up to rounding
+    assert len(res["p"]["paired"]["a_cpu_s"]) == 2
+    pre = doc["precompute"]
+    assert pre["tokens"] == 48 and pre["rows"] == 2 * (24 - 6) and pre["top_k"] == 128
+    assert pre["epochs_to_pay_back"] == pytest.approx(
+        pre["s_per_token"] / (t["reference_forward"] / res["b"]["tokens"])
+    )
+    assert "pays back after" in table
     g = doc["regularizers"]
     assert (g["rows"], g["vocab"], g["hidden"]) == (48, 300, 32)
     assert g["fused/plain"] == pytest.approx(g["fused_peak_bytes"] / g["plain_peak_bytes"])
@@ -124,7 +133,12 @@ def test_targets_and_ratio_arithmetic():
               "terms": {"consistency": 4.0, "reference_forward": 3.0, "kl_rows": 1.0, "diversity": 0.5,
                         "fused_rows": 1.2, "svd": 0.81, "gram_factor_s": 0.1}},
         "c": {"step_s": 20.0, "peak_mem_bytes": 1720, "rss_growth_bytes": None},
+        "p": {"step_s": 11.2, "step_cpu_s": 11.0, "peak_mem_bytes": 1021, "rss_growth_bytes": None,
+              "paired": {"b/a": 1.1, "b/a_cpu": 1.13}, "clock": "cpu",
+              "precompute": {"seconds": 2.0, "cpu_seconds": 1.5, "tokens": 1000, "rows": 700, "top_k": 64,
+                             "bytes": 7000}},
     }  # fmt: skip
+    results["b"]["tokens"] = 100
     regs = {"fused_peak_bytes": 125, "plain_peak_bytes": 1000, "fused_kl_s": 1.0, "fused_svd_s": 0.2}
     dtypes = {
         "bf16": {"a": {"step_s": 5.0, "peak_mem_bytes": 500}, "b": {"step_s": 8.0, "peak_mem_bytes": 551}}
@@ -135,7 +149,15 @@ def test_targets_and_ratio_arithmetic():
         "b_cache": {"step_s": 2.2, "step_cpu_s": 2.3},
     }
     doc = bench.summarise(results, regs, {}, dtypes, nlu)
-    assert doc["ratios"]["step_time"] == {"b/a": 1.6, "c/a": 2.0, "c/b": 1.25}
+    assert doc["ratios"]["step_time"] == pytest.approx(
+        {"b/a": 1.6, "c/a": 2.0, "c/b": 1.25, "p/a": 1.12, "p/b": 0.7, "c/p": 20 / 11.2}
+    )
+    pre = doc["precompute"]  # CPU seconds per token against (b)'s reference forward per token: 1.5e-3 / 3e-2
+    assert (pre["clock"], pre["s_per_token"], pre["epochs_to_pay_back"]) == (
+        "cpu",
+        1.5e-3,
+        pytest.approx(0.05),
+    )
     assert doc["ratios"]["peak_memory"]["c/b"] == pytest.approx(1720 / 1150)
     assert doc["nlu"]["ratios"]["step_time"] == pytest.approx(
         {"b/a": 1.5, "b_cache/a": 1.1, "b_cache/b": 2.2 / 3}
@@ -148,6 +170,10 @@ def test_targets_and_ratio_arithmetic():
         "peak memory b/a <= 1.10": False,  # 1.15
         "peak memory b/a <= 1.10 at bf16": False,  # 1.102
         "peak memory c/b >= 1.5": False,  # 1.496
+        "step time p/a <= 1.12 (precomputed reference)": True,  # 1.12, inclusive
+        "step CPU time p/a <= 1.12, (a)/(p) steps interleaved (contention-robust)": False,  # 1.13
+        "peak memory p/a <= 1.02 (no snapshot adapter)": False,  # 1.021
+        "peak memory c/p >= 1.5": True,  # 1.68
         "SVD term <= 5% of (b) step": False,  # 0.81 / 16 = 5.06 %
         "regularizer memory fused/plain < 1/8": False,  # strict
         "SVD term < KL term (fused)": True,

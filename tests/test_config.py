@@ -79,7 +79,8 @@ def test_every_string_field_is_a_choice_with_its_allowed_values():
     for name, allowed in CHOICES.items():
         for value in allowed:
             task = {"task": "nlu"} if name == "reference_head" else {}  # an NLU-only choice
-            assert getattr(BALoRAConfig(**{name: value, "shift_labels": True, **task}), name) == value
+            path = {"reference_path": "ref/"} if value == "precomputed" else {}  # its store's folder
+            assert getattr(BALoRAConfig(**{name: value, "shift_labels": True, **task}, **path), name) == value
 
 
 def test_incompatible_combinations():
@@ -286,6 +287,10 @@ def _valid_configs(draw):
     kw["shift_labels"] = True if kw["task"] == "nlu" else draw(st.booleans())
     if kw["task"] == "nlg":
         kw["reference_head"] = "initial"  # reference_head='current' is NLU-only
+    if kw["reference"] == "precomputed" and kw["task"] == "nlu":  # causal LMs only
+        kw["reference"] = "auto"
+    elif kw["reference"] == "precomputed":  # with the folder of its store
+        kw["reference_path"] = "ref/"
     return kw
 
 

@@ -12,11 +12,19 @@ from .export import (
     require_empty_dir,
     save_initial_adapter,
 )
-from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms, clear_factor_cache
+from .fused import HiddenView, LogitsView, OutputHead, TopKRows, chunked_row_terms, clear_factor_cache
 from .hookspecs import hookimpl
 from .model import check_reference_head, decoder_of, output_head, validate_model
 from .objective import BALoRAObjective, LossScaling
 from .plugins import collect_terms, plugin_manager
+from .precomputed import (
+    DEFAULT_TOP_K,
+    PrecomputedReference,
+    ReferenceStore,
+    example_key,
+    precompute_reference,
+    tokenizer_fingerprint,
+)
 from .quantized import get_qpissa_model
 from .reference import (
     REF_ADAPTER,
@@ -36,6 +44,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "AdapterStart",
     "BALoRAObjective",
+    "DEFAULT_TOP_K",
     "Consistency",
     "EntropyDiversity",
     "HiddenView",
@@ -46,16 +55,20 @@ __all__ = [
     "MATRIX",
     "NegEntropyRows",
     "OutputHead",
+    "PrecomputedReference",
     "REF_ADAPTER",
     "ROW",
+    "ReferenceStore",
     "SVDShare",
     "Term",
+    "TopKRows",
     "adapter_start",
     "check_reference_head",
     "chunked_row_terms",
     "clear_factor_cache",
     "collect_terms",
     "decoder_of",
+    "example_key",
     "export_merged",
     "export_plain_lora",
     "find_initial_adapter",
@@ -67,10 +80,12 @@ __all__ = [
     "load_initial_adapter",
     "output_head",
     "plugin_manager",
+    "precompute_reference",
     "prepare_reference",
     "reference_mode",
     "require_empty_dir",
     "save_initial_adapter",
+    "tokenizer_fingerprint",
     "unwrap",
     "validate_model",
 ]

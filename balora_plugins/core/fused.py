@@ -330,6 +330,54 @@ def softcap_gram(hidden: torch.Tensor, head: OutputHead, block: int) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- row terms
+@dataclass
+class TopKRows:
+    """A reference given per row as its top-k logits and one bucket for the rest of the vocabulary, at one T.
+
+    What a precomputed reference (docs/precomputed_reference.md) hands the chunked driver instead of reference
+    hidden states: with it, q_v = exp(z_v/T − ``log_normalizer``) is exact for the k stored tokens and the
+    rest of the vocabulary is one bucket of mass exp(``tail_log_mass``). Sliced by rows like a tensor.
+
+    Attributes:
+        token_ids: (M, k) int64, the k largest reference logits' token ids.
+        logits: (M, k) fp32, those logits z (raw, not divided by T).
+        log_normalizer: (M,) fp32, logsumexp(z/T) over the full vocabulary.
+        tail_log_mass: (M,) fp32, log of the tempered reference mass outside the top k (−inf when k = |V|).
+        entropy: (M,) fp32, H(softmax(z/T)) over the full vocabulary (the adaptive λ1's confidence).
+        temperature: T.
+    """
+
+    token_ids: torch.Tensor
+    logits: torch.Tensor
+    log_normalizer: torch.Tensor
+    tail_log_mass: torch.Tensor
+    entropy: torch.Tensor
+    temperature: float
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def __getitem__(self, rows: slice) -> TopKRows:
+        return TopKRows(
+            self.token_ids[rows],
+            self.logits[rows],
+            self.log_normalizer[rows],
+            self.tail_log_mass[rows],
+            self.entropy[rows],
+            self.temperature,
+        )
+
+    def to(self, device: torch.device | str) -> TopKRows:
+        return TopKRows(
+            self.token_ids.to(device, non_blocking=True),
+            self.logits.to(device, non_blocking=True),
+            self.log_normalizer.to(device, non_blocking=True),
+            self.tail_log_mass.to(device, non_blocking=True),
+            self.entropy.to(device, non_blocking=True),
+            self.temperature,
+        )
+
+
 RowFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -389,11 +437,12 @@ class _ChunkedRowTerms(torch.autograd.Function):
 
 
 def _chunk_logits(
-    head: OutputHead, h: torch.Tensor, h_ref: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The chunk's logits (n, V) and its reference logits (n, V) or None, fp32, from one product with the head."""
-    if h_ref is None:
-        return head.logits(h), None
+    head: OutputHead, h: torch.Tensor, h_ref: torch.Tensor | TopKRows | None
+) -> tuple[torch.Tensor, torch.Tensor | TopKRows | None]:
+    """The chunk's logits (n, V) and its reference logits (n, V), fp32, from one product with the head; a
+    precomputed reference (:class:`TopKRows`) or None is passed through as it is."""
+    if h_ref is None or isinstance(h_ref, TopKRows):
+        return head.logits(h), h_ref
     if h_ref.dtype != h.dtype:
         h, h_ref = h.float(), h_ref.float()
     both = head.logits(torch.cat([h, h_ref]))
@@ -402,7 +451,7 @@ def _chunk_logits(
 
 def chunked_row_terms(
     hidden: torch.Tensor,
-    ref_hidden: torch.Tensor | None,
+    ref_hidden: torch.Tensor | TopKRows | None,
     head: OutputHead,
     fns: Sequence[RowFn],
     weights: Sequence[float],
@@ -412,7 +461,8 @@ def chunked_row_terms(
 
     Args:
         hidden: (M, d) hidden states of the valid positions, any float dtype, with grad.
-        ref_hidden: (M, d) reference hidden states (no grad) or None when no term needs them.
+        ref_hidden: (M, d) reference hidden states (no grad), a precomputed reference (:class:`TopKRows`, M rows;
+            only kernels with ``accepts_topk_reference`` take it), or None when no term needs them.
         head: the frozen output head (fp32, bf16 or fp16; the logits are fp32 either way).
         fns: per-row functions ``f(z, z_ref) -> (rows,)`` on fp32 logits chunks (rows, V).
         weights: one float per function (λ already divided by the normaliser).

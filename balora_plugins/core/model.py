@@ -181,7 +181,7 @@ def _trained_modules(base: nn.Module, adapter: str) -> dict[str, nn.Module]:
     return {n: modules[n] for n in owners if n in modules}
 
 
-def _probe_possible(base: nn.Module) -> bool:
+def probe_possible(base: nn.Module) -> bool:
     """A probe forward needs materialised weights: not on the meta device, not ZeRO-3 partitioned placeholders."""
     return not any(p.device.type == "meta" or hasattr(p, "ds_id") for p in base.parameters())
 
@@ -204,7 +204,7 @@ def replay_backbone(peft_model: nn.Module, adapter: str = "default") -> tuple[st
         candidates.append(outer)
     names = {id(m): n for n, m in base.named_modules()}
     watched = _trained_modules(base, adapter)
-    runnable = _probe_possible(base)
+    runnable = probe_possible(base)
     for cand in candidates:
         path = names[id(cand)]
         if any(not (n == path or n.startswith(path + ".")) for n in watched):

@@ -43,6 +43,7 @@ from .model import (
     validate_model,
 )
 from .plugins import collect_terms
+from .precomputed import PrecomputedReference
 from .refcache import ReferenceCache, reference_state
 from .terms import MATRIX, ROW, TemperedEntropyRows, Term
 
@@ -79,6 +80,37 @@ class LossScaling:
 
     def matrix_weight(self, lam: float) -> float:
         return lam if self.host_divides_by_ga else lam / max(self.ga_steps, 1)
+
+
+# ---------------------------------------------------------------------------------------------- reference sources
+class OnlineReference:
+    """The reference source that runs the reference forward on every micro-batch (the adapter snapshot, the
+    disabled adapter or a separate model; :mod:`.reference`). The other source is
+    :class:`~balora_plugins.core.precomputed.PrecomputedReference` (``reference='precomputed'``): both give the
+    objective the reference rows of the valid positions and the reference's mean tempered entropy."""
+
+    def __init__(self, objective: BALoRAObjective):
+        self.objective = objective
+
+    def rows(self, model: nn.Module, inputs: Mapping[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        """The reference's final hidden states (M, d) at the valid positions ``mask`` (B, T)."""
+        # Every rank runs the reference forward, rows or not: collectives under ZeRO-3 and FSDP.
+        with distributed.unsharded_root(model):
+            return self.objective.reference_hidden(model)[mask]
+
+    def mean_entropy(self, ref_rows: torch.Tensor) -> tuple[float, int]:
+        """(mean over rows of H(softmax(Z_ref/T)), |V| or C) from hidden states (M, d) sent through the frozen head
+        chunk by chunk (NLG: never the (M, |V|) logits at once) or from logits (M, C) (NLU)."""
+        obj = self.objective
+        kernel = TemperedEntropyRows(obj.config.consistency_temperature)
+        with torch.no_grad(), torch.autocast(device_type=ref_rows.device.type, enabled=False):
+            if obj.head is not None:  # NLG: hidden states through the head (NLU keeps no head)
+                _, sums = chunked_row_terms(ref_rows, None, obj.head, [kernel], [0.0], obj.config.chunk_size)
+                return float(sums[0]) / ref_rows.shape[0], obj.head.weight.shape[0]
+            return float(kernel(ref_rows.float(), None).mean()), ref_rows.shape[-1]
+
+    def check_dataset(self, dataset: Any) -> None:
+        """Nothing to check: the reference forward sees every batch."""
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -119,6 +151,8 @@ class BALoRAObjective:
         self._warned: set[str] = set()  # warnings given at construction (prepare runs again at train begin)
         # NLU only (the config refuses it for NLG): reference logits per example, exact (core/refcache.py)
         self.reference_cache = ReferenceCache() if self.config.reference_cache else None
+        # where the reference rows come from: chosen once by prepare()
+        self.source: OnlineReference | PrecomputedReference = OnlineReference(self)
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> BALoRAObjective:
@@ -144,6 +178,7 @@ class BALoRAObjective:
                 "disabled adapter is the pre-trained backbone) or set reference_head='initial'."
             )
         base = peft_model.get_base_model()
+        source = self._reference_source(mode, peft_model, base)
         backbone, path = self._backbone, self._backbone_path
         if self.config.task == "nlg":
             self.head = output_head(base)
@@ -162,6 +197,7 @@ class BALoRAObjective:
             self._head_kept = classifier_head(peft_model) if self.config.reference_head == "current" else []
         # then install
         self._peft_model = peft_model
+        self.source = source
         self.mode = ref.prepare_reference(
             peft_model, self.config.reference, self.ref_model, self.adapter_name
         )
@@ -174,6 +210,26 @@ class BALoRAObjective:
             self.ref_model.eval()  # (a DeepSpeed engine's eval() returns None)
             self.ref_model.requires_grad_(False)
         return self
+
+    def _reference_source(self, mode: str, peft_model: nn.Module, base: nn.Module):
+        """The reference source for ``mode``, checked against the model (a precomputed store: before anything is
+        installed, on the model at step 0; reused when prepare() runs again)."""
+        if mode != "precomputed":
+            return OnlineReference(self)
+        current = self.source
+        if isinstance(current, PrecomputedReference) and current.store.path == str(
+            self.config.reference_path
+        ):
+            return current
+        source = PrecomputedReference(self.config.reference_path, self.config.consistency_temperature)
+        source.check_kernels(self.terms, self.config.lambdas)
+        source.check_model(peft_model, base)
+        return source
+
+    def check_dataset(self, dataset: Any) -> None:
+        """Refuse, before step 1, a training dataset the reference source cannot serve (a precomputed reference
+        without rows for some of its examples); a no-op for the online reference."""
+        self.source.check_dataset(dataset)
 
     @property
     def rewrites_base(self) -> bool:
@@ -357,15 +413,7 @@ class BALoRAObjective:
         a constant of the micro-batch. It runs before the fused pass because that pass folds every term's
         weighted gradient into one buffer, so λ1 must be known first (docs/method.md §3.1, adaptive λ1).
         """
-        kernel = TemperedEntropyRows(self.config.consistency_temperature)
-        with torch.no_grad(), torch.autocast(device_type=ref_rows.device.type, enabled=False):
-            if self.head is not None and self.config.task == "nlg":
-                _, sums = chunked_row_terms(
-                    ref_rows, None, self.head, [kernel], [0.0], self.config.chunk_size
-                )
-                entropy, width = float(sums[0]) / ref_rows.shape[0], self.head.weight.shape[0]
-            else:
-                entropy, width = float(kernel(ref_rows.float(), None).mean()), ref_rows.shape[-1]
+        entropy, width = self.source.mean_entropy(ref_rows)
         if not math.isfinite(entropy) or width < 2:  # no information about the reference's confidence
             return 0.0
         return 1.0 - min(max(entropy / math.log(width), 0.0), 1.0)
@@ -399,13 +447,13 @@ class BALoRAObjective:
         hidden = self._captured["hidden"]
         mask = self.valid_mask(inputs, hidden)
         need_ref = any(t.needs_reference and weights[t.name] > 0 for t in self.terms)
-        # Every rank reads the head and runs the reference forward, rows or not: collectives under ZeRO-3 and FSDP.
-        # The head is read afresh (FSDP2 swaps the module's parameters after prepare()); a sharded head is copied
-        # whole for the step while its parameter stays the Gram-factor cache's key (FSDP1: its root unit gathered).
+        # Every rank reads the head, rows or not: a collective under ZeRO-3 and FSDP (so is an online reference
+        # forward: OnlineReference.rows). The head is read afresh (FSDP2 swaps the module's parameters after
+        # prepare()); a sharded head is copied whole for the step while its parameter stays the Gram-factor cache's
+        # key (FSDP1: its root unit gathered).
         with distributed.unsharded_root(model, fsdp2=False):
             self.head = output_head(ref.unwrap(model).get_base_model())
-        with distributed.unsharded_root(model):
-            ref_rows = self.reference_hidden(model)[mask] if need_ref else None
+        ref_rows = self.source.rows(model, inputs, mask) if need_ref else None
         self._captured = None
         if not bool(mask.any()):  # legitimate (a prompt truncated to the max length): nothing to regularise
             self.skipped["no_valid_rows"] = self.skipped.get("no_valid_rows", 0) + 1

@@ -24,8 +24,8 @@ grows by doubling) plus about 150 bytes of key and index (measured: 134), in CPU
 **Why not NLG.** A causal LM's reference output per example is a (T, |V|) matrix (the consistency KL needs the
 full distribution at every position): exact caching would mean T·d hidden values per example (2·T·d bytes in
 bf16: 4 MB for T = 512, d = 4096 — 400 GB for 100 000 examples) plus the head product each step, or T·|V|
-logits (orders of magnitude more). Keeping only the top-K logits would make the KL approximate. See
-docs/method.md §2.
+logits (orders of magnitude more). Keeping only the top-K logits makes the KL approximate: that is the opt-in
+``reference='precomputed'`` (:mod:`.precomputed`, docs/precomputed_reference.md). See docs/method.md §2.
 """
 
 from __future__ import annotations

@@ -318,6 +318,17 @@ def resolve_mode(
             "BALoRAConfig.reference='model' but no reference model was given; pass ref_model=... to the trainer "
             "or callback, or use reference='auto'."
         )
+    if requested == "precomputed":
+        # The stored reference is the untouched pre-trained model; which base the adapter sits on still decides
+        # the exports (the step-0 adapter is written to disk, not kept in memory) and must be known.
+        if start.rewritten is None:
+            raise ValueError(
+                f"BALoRAConfig.reference='precomputed': {start.reason}, so BA-LoRA cannot tell whether the model at "
+                "step 0 is the pre-trained one the store was computed from, nor how to export the adapter. Start "
+                "from a fresh adapter (plain LoRA or PiSSA init, or a pre-initialised PiSSA pair), or use "
+                "reference='adapter_snapshot' / 'disabled_adapter'."
+            )
+        return requested
     if requested == "auto":
         if start.rewritten is None:
             raise _unknown_start(start)
@@ -374,8 +385,10 @@ def prepare_reference(
     ``reference`` is ``BALoRAConfig.reference``. The decision (:func:`adapter_start`, with an explicit
     ``reference`` settling the cases the model cannot tell) is kept on the model, so later calls agree. The frozen
     snapshot of the initial adapter is added whenever the base is rewritten — also with a separate
-    ``ref_model``: the exports and resuming need the step-0 adapter. Returns the mode
-    (``adapter_snapshot`` / ``disabled_adapter`` / ``model``). Idempotent: an existing snapshot is kept as it is.
+    ``ref_model``: the exports and resuming need the step-0 adapter — except with ``precomputed``, where the
+    trainer writes the step-0 adapter to disk instead (no second adapter in memory). Returns the mode
+    (``adapter_snapshot`` / ``disabled_adapter`` / ``model`` / ``precomputed``). Idempotent: an existing snapshot
+    is kept as it is.
     """
     if ref_model is not None:
         check_separate_reference(ref_model, peft_model)
@@ -386,7 +399,12 @@ def prepare_reference(
             start, rewritten=mode == "adapter_snapshot", reason=f"BALoRAConfig.reference={mode!r}"
         )
     peft_model.__dict__.setdefault(_START_ATTR, {})[adapter] = start
-    if (start.rewritten or mode == "adapter_snapshot") and REF_ADAPTER not in peft_model.peft_config:
+    in_memory = mode != "precomputed"
+    if (
+        in_memory
+        and (start.rewritten or mode == "adapter_snapshot")
+        and REF_ADAPTER not in peft_model.peft_config
+    ):
         add_snapshot_adapter(peft_model, adapter)
     return mode
 

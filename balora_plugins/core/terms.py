@@ -17,6 +17,7 @@ import torch
 
 from .. import functional as Fn
 from ..config import BALoRAConfig
+from .fused import TopKRows
 from .hookspecs import hookimpl
 
 ROW = "row"
@@ -133,17 +134,56 @@ class KLRows:
     """Row function T²·KL(softmax(z_ref/T) ‖ softmax(z/T)) with its closed-form gradient T·(p − q).
 
     Calling it gives the same values as :func:`balora_plugins.functional.kl_rows`; :meth:`rows_and_grad` lets
-    the chunked driver skip autograd (fewer full-width passes and buffers per chunk).
+    the chunked driver skip autograd (fewer full-width passes and buffers per chunk). The reference may also be
+    a precomputed :class:`~balora_plugins.core.fused.TopKRows` (its top k tokens and one tail bucket):
+    :meth:`topk_rows_and_grad`.
     """
+
+    accepts_topk_reference = True  # what a reference="precomputed" run asks of every reference-using kernel
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = float(temperature)
 
-    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | TopKRows | None) -> torch.Tensor:
+        if isinstance(z_ref, TopKRows):
+            return self.topk_rows_and_grad(z, z_ref, 0.0, None, False)[0]
         return Fn.kl_rows(z, z_ref, self.temperature)
+
+    def topk_rows_and_grad(
+        self, z: torch.Tensor, ref: TopKRows, weight: float, acc: torch.Tensor | None, need_grad: bool
+    ):
+        """T²·KL(r ‖ p) against a top-k reference, per row (n,), and ``acc`` += weight·∂/∂z.
+
+        With q the reference's tempered distribution, its top k tokens K and its tail mass q̄ = 1 − Σ_K q (stored
+        exactly), and p̄ = Σ_{v∉K} p the student's tail: value T²·[Σ_K q·log(q/p) + q̄·log(q̄/p̄)] — the KL with
+        the tail as one bucket, = T²·KL(r ‖ p) for r = q on K and q̄·p_v/p̄ elsewhere; it equals the full KL when
+        k = |V| and never exceeds it. Gradient T·(p − r): T·(p − q) on K, T·p_v·(1 − q̄/p̄) on the tail.
+        """
+        t = self.temperature
+        if ref.temperature != t:
+            raise ValueError(f"the precomputed reference is at T={ref.temperature}, the term at T={t}.")
+        ids = ref.token_ids
+        logp = torch.log_softmax(z / t, dim=-1)
+        logp_k = logp.gather(1, ids)
+        logq_k = ref.logits / t - ref.log_normalizer[:, None]
+        q_k = logq_k.exp()
+        # log p̄; the buffer keeps the tail's log p
+        logp_tail = logp.scatter_(1, ids, float("-inf")).logsumexp(-1)
+        logq_tail = ref.tail_log_mass
+        has_tail = logq_tail > float("-inf")
+        log_ratio = torch.where(has_tail, logq_tail - logp_tail, 0.0)  # log(q̄/p̄); 0 for an empty tail
+        values = (t * t) * ((q_k * (logq_k - logp_k)).sum(-1) + logq_tail.exp() * log_ratio)
+        if need_grad:
+            keep = torch.where(has_tail, 1.0 - log_ratio.exp(), 1.0)  # 1 − q̄/p̄ (the tail is all 0 when empty)
+            g = logp.exp_().mul_(keep[:, None])  # tail: p_v·(1 − q̄/p̄); the top k is 0 here ...
+            g.scatter_(1, ids, logp_k.exp_().sub_(q_k))  # ... and p − q there
+            acc = g.mul_(weight * t) if acc is None else acc.add_(g, alpha=weight * t)
+        return values, acc
 
     def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
         """Per-row values (n,) and ``acc`` += weight·∂Σvalues/∂z (allocated when None; untouched without grad)."""
+        if isinstance(z_ref, TopKRows):
+            return self.topk_rows_and_grad(z, z_ref, weight, acc, need_grad)
         t = self.temperature
         logp = torch.log_softmax(z / t, dim=-1)
         logq = torch.log_softmax(z_ref / t, dim=-1)

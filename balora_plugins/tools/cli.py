@@ -1,4 +1,4 @@
-"""The ``balora`` command: ``demo``, ``export``, ``report`` and ``bench``.
+"""The ``balora`` command: ``demo``, ``export``, ``reference``, ``report`` and ``bench``.
 
 Usage errors (bad options, a missing ``--base`` folder, a non-empty ``--out`` without ``--overwrite``) exit with
 code 2 before anything heavy is imported or trained; runtime failures (a model that does not load, a missing
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="balora", description="BA-LoRA: demo, adapter export, training reports, benchmarks."
     )
     parser.add_argument("--version", action="version", version=f"balora-plugins {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,export,report,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,export,reference,report,bench}")
     sub.required = True
 
     demo = sub.add_parser(
@@ -122,6 +122,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     exp.add_argument("--json", action="store_true", help="print the written paths as JSON on stdout")
+
+    pre = sub.add_parser(
+        "reference",
+        help="precompute the top-k reference of a causal LM over the training data (reference='precomputed')",
+        description="Run the untouched pre-trained model once over the training data (inference only) and store, "
+        "per trained position, its top-k logits and what the consistency term needs for the rest of the "
+        "vocabulary; train with BALoRAConfig(reference='precomputed', reference_path=OUT) (axolotl: "
+        "balora_reference: precomputed, balora_reference_path: OUT). Resumable: run the same command again. "
+        "docs/precomputed_reference.md describes the format.",
+    )
+    pre.add_argument(
+        "data",
+        help="the training data: a folder written by datasets' save_to_disk (e.g. axolotl preprocess's prepared "
+        "dataset), or a .json/.jsonl/.parquet/.csv file; tokenised already (input_ids, labels) or raw TRL SFT data "
+        "(messages / prompt-completion / text), which is tokenised with TRL's own preparation",
+    )
+    pre.add_argument(
+        "--model", required=True, help="the untouched pre-trained model: a folder, a .gguf file or a hub id"
+    )
+    pre.add_argument("--out", required=True, help="output folder (resumed when it holds an unfinished run)")
+    pre.add_argument(
+        "--top-k", type=int, default=None, help="logits kept per position (default: the library's, 128)"
+    )
+    pre.add_argument(
+        "--temperatures", default="1,2", help="comma-separated T the store serves (default 1,2: the presets')"
+    )
+    pre.add_argument(
+        "--max-length", type=int, default=1024, help="raw data: TRL's max_length (as in training)"
+    )
+    pre.add_argument(
+        "--completion-only-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="raw data: TRL's completion_only_loss (default: TRL's)",
+    )
+    pre.add_argument("--assistant-only-loss", action="store_true", help="raw data: TRL's assistant_only_loss")
+    pre.add_argument(
+        "--positions",
+        choices=("labels", "all"),
+        default="labels",
+        help="labels: the positions training regularises (default); all: every position (any label setting)",
+    )
+    pre.add_argument(
+        "--split", default="train", help="the split of a DatasetDict / data file (default train)"
+    )
+    pre.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    pre.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    pre.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    pre.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
 
     rep = sub.add_parser(
         "report",
@@ -254,6 +303,92 @@ def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _load_data(path: str, split: str):
+    import datasets
+
+    if os.path.isdir(path):
+        data = datasets.load_from_disk(path)
+    else:
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}.get(
+            ext
+        )
+        if kind is None:
+            raise ValueError(
+                f"DATA {path!r}: use a save_to_disk folder or a .json/.jsonl/.parquet/.csv/.arrow file."
+            )
+        data = datasets.load_dataset(kind, data_files={split: path})
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"DATA {path!r} has no split {split!r} (it has {sorted(data)}); pass --split.")
+        data = data[split]
+    return data
+
+
+def _reference(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not os.path.exists(args.data):
+        parser.error(f"DATA {args.data!r} does not exist.")
+    try:
+        temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--temperatures {args.temperatures!r}: write numbers, e.g. 1,2.")
+    import torch
+
+    from balora_plugins.core import DEFAULT_TOP_K, precompute_reference, tokenizer_fingerprint
+    from balora_plugins.tools.assets import load_causal_lm
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_causal_lm(args.model, dtype=getattr(torch, args.dtype), log=print)
+    model.to(device)
+    data = _load_data(args.data, args.split)
+    source = "tokenised"
+    if "input_ids" not in data.column_names:
+        import tempfile
+
+        from trl import SFTConfig
+
+        from balora_plugins.trl import sft_train_dataset
+
+        extra = (
+            {} if args.completion_only_loss is None else {"completion_only_loss": args.completion_only_loss}
+        )
+        with tempfile.TemporaryDirectory(prefix="balora-reference-") as tmp:
+            sft = SFTConfig(
+                output_dir=tmp,
+                max_length=args.max_length,
+                assistant_only_loss=args.assistant_only_loss,
+                report_to=[],
+                bf16=False,
+                use_cpu=device == "cpu",
+                **extra,
+            )
+            data = sft_train_dataset(model, data, sft, tok)
+        source = "TRL SFT preparation"
+    manifest = precompute_reference(
+        model,
+        data,
+        args.out,
+        top_k=args.top_k or DEFAULT_TOP_K,
+        temperatures=temperatures,
+        positions=args.positions,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        settings={
+            "data": os.path.abspath(args.data),
+            "source": source,
+            "max_length": args.max_length if source != "tokenised" else None,
+            "tokenizer": tokenizer_fingerprint(tok),
+            "dtype": args.dtype,
+        },
+    )
+    print(
+        f"Wrote the precomputed reference of {manifest['distinct_examples']} examples ({manifest['rows']} positions, "
+        f"k = {manifest['top_k']}, T in {manifest['temperatures']}) to {args.out}; train with reference='precomputed', "
+        f"reference_path={args.out!r}."
+    )
+    return 0
+
+
 def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not os.path.isdir(args.run_dir):
         parser.error(f"RUN_DIR {args.run_dir!r} is not a directory.")
@@ -305,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command_parser = args.commands[args.command]
     from balora_plugins.tools.assets import AssetError
 
-    handler = {"demo": _demo, "export": _export, "report": _report}[args.command]
+    handler = {"demo": _demo, "export": _export, "reference": _reference, "report": _report}[args.command]
     try:
         return handler(args, command_parser)
     except (CommandFailed, AssetError, OSError, ValueError, ImportError) as e:

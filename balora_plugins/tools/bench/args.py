@@ -10,6 +10,7 @@ VARIANTS: dict[str, str] = {
     "a": "PiSSA-LoRA, no regularizer (baseline)",
     "b": "BA-LoRA, this package (fused, snapshot reference)",
     "c": "authors' approach (2nd model, full logits)",
+    "p": "BA-LoRA, precomputed top-k reference",
 }
 Q4_VARIANTS: dict[str, str] = {
     "a": "QPiSSA on a 4-bit base, no regularizer",
@@ -83,7 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     g.add_argument("--term-reps", type=int, default=2, help="repetitions of the per-term timings of (b)")
-    g.add_argument("--variants", default="abc", help="which of a, b, c to run (e.g. 'ab')")
+    g.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="instead: the precomputed top-k reference's error and gradient cosine against the exact term on real "
+        "text (see `balora bench --fidelity --help`)",
+    )
+    g.add_argument("--variants", default="abcp", help="which of a, b, c, p to run (e.g. 'ab')")
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="(p): reference logits stored per position (default: the library's)",
+    )
     g.add_argument(
         "--no-regularizers", action="store_true", help="skip the regularizers-only memory comparison"
     )
@@ -128,7 +141,7 @@ def validate(args: argparse.Namespace) -> None:
     """Refuse option values the benchmark cannot run with (the message names the option and the fix)."""
     bad = sorted(set(args.variants) - set(VARIANTS))
     if bad or not args.variants:
-        raise SystemExit(f"balora bench: --variants={args.variants!r}; use letters from 'abc' (e.g. 'ab').")
+        raise SystemExit(f"balora bench: --variants={args.variants!r}; use letters from 'abcp' (e.g. 'ab').")
     for name in ("batch", "seq_len", "rank", "steps", "nlu_batch", "nlu_seq_len", "nlu_rank"):
         if getattr(args, name) < 1:
             raise SystemExit(f"balora bench: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")

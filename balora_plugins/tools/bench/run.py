@@ -16,6 +16,7 @@ from typing import Any
 
 from .args import NLU_VARIANTS, Q4_VARIANTS, VARIANTS, also_dtype, build_parser, log, validate, with_changes
 from .build import model_shape
+from .fidelity import main as fidelity_main
 from .regularizers import run_regularizers
 from .table import format_table, meta, summarise
 from .variants import run_nlu_variant, run_variant
@@ -94,6 +95,9 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``balora bench`` and ``python -m balora_plugins.tools.bench``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the precomputed reference against the exact one, on real text (its own options)
+    if "--fidelity" in argv:
+        return fidelity_main(argv)
     args = build_parser().parse_args(argv)
     validate(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -26,6 +26,14 @@ TARGETS: dict[str, tuple[tuple[str, ...], str, float]] = {
     "peak memory b/a <= 1.10 at bf16": (("dtypes", "bf16", "ratios", "peak_memory", "b/a"), "<=", 1.10),
     "peak memory c/b >= 1.5": (("ratios", "peak_memory", "c/b"), ">=", 1.5),
     "SVD term <= 5% of (b) step": (("terms", "svd_share"), "<=", 0.05),
+    "step time p/a <= 1.12 (precomputed reference)": (("ratios", "step_time", "p/a"), "<=", 1.12),
+    "step CPU time p/a <= 1.12, (a)/(p) steps interleaved (contention-robust)": (
+        ("variants", "p", "paired", "b/a_cpu"),
+        "<=",
+        1.12,
+    ),
+    "peak memory p/a <= 1.02 (no snapshot adapter)": (("ratios", "peak_memory", "p/a"), "<=", 1.02),
+    "peak memory c/p >= 1.5": (("ratios", "peak_memory", "c/p"), ">=", 1.5),
     "regularizer memory fused/plain < 1/8": (("regularizers", "fused/plain"), "<", 0.125),
     "SVD term < KL term (fused)": (("regularizers", "svd/kl"), "<", 1.0),
     "4-bit base (QPiSSA): peak memory b/a <= 1.10": (
@@ -44,6 +52,7 @@ TARGETS: dict[str, tuple[tuple[str, ...], str, float]] = {
         1.1,
     ),
 }
+PAIRS = ("b/a", "c/a", "c/b", "p/a", "p/b", "c/p")
 _COMPARE = {"<=": lambda v, b: v <= b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b}
 _METRICS = (
     ("step_time", "step_s"),
@@ -86,8 +95,21 @@ def summarise(
     doc: dict[str, Any] = {
         "meta": meta,
         "variants": results,
-        "ratios": ratios(results, ("b/a", "c/a", "c/b")),
+        "ratios": ratios(results, PAIRS),
     }
+    pre = results.get("p", {}).get("precompute")
+    if pre:  # the precompute's cost per token against (b)'s reference forward per token, on the terms' clock
+        cpu = results["p"].get("clock") == "cpu"
+        per_token = (pre["cpu_seconds"] if cpu else pre["seconds"]) / max(pre["tokens"], 1)
+        forward = (results.get("b", {}).get("terms") or {}).get("reference_forward")
+        forward_per_token = ratio(forward, results["b"].get("tokens")) if forward is not None else None
+        doc["precompute"] = {
+            **pre,
+            "clock": "cpu" if cpu else "wall",
+            "s_per_token": per_token,
+            "reference_forward_s_per_token": forward_per_token,
+            "epochs_to_pay_back": ratio(per_token, forward_per_token),
+        }
     terms = results.get("b", {}).get("terms")
     if terms:
         b = results["b"]
@@ -172,13 +194,38 @@ def format_table(doc: dict[str, Any]) -> str:
         f"median of {meta['steps']} steps after {meta['warmup']} warm-up",
     ]
     if res:  # not with --only-qlora
-        lines += ["", *_variant_rows(res, VARIANTS), "", *_ratio_rows(rat, ("b/a", "c/a", "c/b"))]
-    paired = res.get("b", {}).get("paired")
-    if paired:
-        lines.append(
-            f"{'b/a':<12} {_x(paired['b/a']):>10} {_x(paired['b/a_cpu']):>10}   (a) and (b) steps interleaved in one "
-            f"process, median of {len(paired['a_s'])} pairs"
+        lines += [
+            "",
+            *_variant_rows(res, VARIANTS),
+            "",
+            *_ratio_rows(rat, tuple(p for p in PAIRS if all(v in res for v in p.split("/")))),
+        ]
+    for v in ("b", "p"):
+        paired = res.get(v, {}).get("paired")
+        if paired:
+            lines.append(
+                f"{v + '/a':<12} {_x(paired['b/a']):>10} {_x(paired['b/a_cpu']):>10}   (a) and ({v}) steps interleaved "
+                f"in one process, median of {len(paired['a_s'])} pairs"
+            )
+    if "precompute" in doc:
+        pre = doc["precompute"]
+        per_k = (
+            None
+            if pre["reference_forward_s_per_token"] is None
+            else 1e3 * pre["reference_forward_s_per_token"]
         )
+        lines += [
+            "",
+            f"(p)'s precompute (`balora reference`, k={pre['top_k']}): {1e3 * pre['s_per_token']:.3f} {pre['clock']} s per "
+            f"1k tokens, {pre['bytes'] / max(pre['rows'], 1):,.0f} bytes per stored position; (b)'s reference "
+            f"forward: "
+            + ("—" if per_k is None else f"{per_k:.3f} s per 1k tokens")
+            + (
+                ""
+                if pre["epochs_to_pay_back"] is None
+                else f" -> pays back after {pre['epochs_to_pay_back']:.2f} epochs"
+            ),
+        ]
     for dtype, sec in doc.get("dtypes", {}).items():
         lines += ["", f"(a) and (b) in {dtype} (peak memory of the first step; one timed step):"]
         lines += _variant_rows(sec["variants"], VARIANTS) + _ratio_rows(sec["ratios"], ("b/a",))

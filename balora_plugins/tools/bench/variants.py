@@ -4,6 +4,8 @@ reference cache on the classifier; the per-term timings of (b)."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import time
 from typing import Any
@@ -93,13 +95,17 @@ def run_variant(
         f"model ready in {time.perf_counter() - t_build:.1f} s ({n_params / 1e6:.1f}M "
         f"params, {args.batch}×{args.seq_len} tokens, r={args.rank}); measuring memory"
     )
+    # (p)'s precompute runs before the meter starts: it is not part of training
+    store = precompute_store(args, dtype, batch, say) if variant == "p" else None
     meter = MemoryMeter(args.device)
     meter.start()
     cfg = balora_config(args)
     objective = ref_model = None
-    if variant == "b":
+    if variant in ("b", "p"):
         from balora_plugins.core import BALoRAObjective
 
+        if store is not None:
+            cfg = balora_config(args, reference="precomputed", reference_path=store["path"])
         objective = BALoRAObjective(cfg).prepare(model)
     elif variant == "c":
         ref_model = build_model(args, dtype).requires_grad_(False)  # same seed: the pre-trained weights
@@ -110,7 +116,7 @@ def run_variant(
     def step() -> None:
         out = model(**batch)
         loss = out.loss
-        if variant == "b":
+        if objective is not None:
             reg, metrics = objective.compute(model, batch)
             loss = loss + reg.to(loss.dtype)
             last.update(
@@ -142,10 +148,59 @@ def run_variant(
         "hidden": hidden,
         "tokens": args.batch * args.seq_len,
     }
-    if variant == "b" and main and not four_bit:
+    if variant in ("b", "p") and main and not four_bit:
         result["paired"] = paired_steps(model, objective, batch, opt, args, say)
+    if variant == "b" and main:
         result["terms"] = term_timings(model, objective, batch, args, say)
+    if store is not None:
+        result["precompute"] = {k: v for k, v in store.items() if k != "path"}
+        shutil.rmtree(store["path"], ignore_errors=True)
     return result
+
+
+def precompute_store(args: argparse.Namespace, dtype: str, batch: dict[str, Any], say) -> dict[str, Any]:
+    """Step 1 of (p): the untouched pre-trained model (built again with the same seed) runs once over the
+    micro-batch's sequences, as ``balora reference`` runs over a dataset; returns the store's folder (removed when
+    the variant is done) and the precompute's cost (wall and CPU seconds, tokens, bytes on disk)."""
+    import gc
+    import tempfile
+
+    from balora_plugins.core import DEFAULT_TOP_K, precompute_reference
+
+    from .measure import sync
+
+    reference = build_model(args, dtype).requires_grad_(False)
+    rows = [
+        {"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist()}
+        for ids, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    ]
+    folder = tempfile.mkdtemp(prefix="balora-bench-reference-")
+    cfg = balora_config(args)
+    sync(args.device)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    manifest = precompute_reference(
+        reference,
+        rows,
+        folder,
+        top_k=args.top_k or DEFAULT_TOP_K,
+        temperatures=[cfg.consistency_temperature],
+        batch_size=args.batch,
+        progress=False,
+    )
+    sync(args.device)
+    out = {
+        "path": folder,
+        "seconds": time.perf_counter() - wall0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "tokens": manifest["tokens"],
+        "rows": manifest["rows"],
+        "top_k": manifest["top_k"],
+        "bytes": sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)),
+    }
+    say(f"precomputed the reference ({out['rows']} rows, k={out['top_k']}) in {out['seconds']:.2f} s")
+    del reference
+    gc.collect()
+    return out
 
 
 def paired_steps(model, objective, batch, opt, args, say) -> dict[str, Any]:

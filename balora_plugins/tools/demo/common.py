@@ -139,6 +139,11 @@ def method_config(cfg, method: Method):
     return dataclasses.replace(cfg, **changes) if changes else cfg  # replace() validates again
 
 
+def precomputed_config(cfg, reference_path: str):
+    """``cfg`` reading its reference from the store ``balora reference`` wrote at ``reference_path``."""
+    return dataclasses.replace(cfg, reference="precomputed", reference_path=reference_path)
+
+
 def common_args(s: DemoSettings, run_dir: str, seed: int) -> dict[str, Any]:
     """Host TrainingArguments shared by both tasks; ``seed`` fixes the data order (and dropout, none here)."""
     return dict(

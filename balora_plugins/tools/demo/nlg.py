@@ -30,7 +30,17 @@ from typing import Any
 
 from balora_plugins.tools.assets import extract_answer  # one answer reader for the demo and the recipes
 
-from .common import common_args, method_config, pad, preset_config, quiet, run_seeds, spectrum, tqdm
+from .common import (
+    common_args,
+    method_config,
+    pad,
+    precomputed_config,
+    preset_config,
+    quiet,
+    run_seeds,
+    spectrum,
+    tqdm,
+)
 from .settings import BASE_DIR, DemoSettings, DemoUsageError, prepare_out
 
 SYSTEM_PROMPT = "Solve the math word problem step by step. End with a line '#### <number>'."
@@ -276,9 +286,9 @@ def run_nlg(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from balora_plugins.core import output_head
+    from balora_plugins.core import output_head, precompute_reference
     from balora_plugins.tools import assets
-    from balora_plugins.trl import BALoRASFTTrainer
+    from balora_plugins.trl import BALoRASFTTrainer, sft_train_dataset
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -338,6 +348,20 @@ def run_nlg(s: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
         mcfg = method_config(cfg, method)
         if mcfg is None:
             return SFTTrainer(**common), None
+        # step 1 of the two-step recipe: the base model runs once over this seed's training data
+        if method.reference == "precomputed":
+            t0 = time.perf_counter()
+            store = os.path.join(run_dir, "reference")
+            tokenized = sft_train_dataset(model, train_ds, args, tok)
+            manifest = precompute_reference(
+                base, tokenized, store, temperatures=[mcfg.consistency_temperature], progress=False
+            )
+            timings[f"seed{seed}/{method.name}/precompute"] = time.perf_counter() - t0
+            log(
+                f"  precomputed reference: {manifest['rows']} rows (k = {manifest['top_k']}) from "
+                f"{manifest['tokens']} tokens in {time.perf_counter() - t0:.1f} s"
+            )
+            mcfg = precomputed_config(mcfg, store)
         return BALoRASFTTrainer(**common, balora_config=mcfg), None
 
     def evaluate(model, name, _):

@@ -34,6 +34,7 @@ class Method:
     terms: tuple[str, ...] = ()  # the BA-LoRA terms switched on; () = the host trainer alone
     settings: tuple[tuple[str, Any], ...] = ()  # BALoRAConfig fields this method sets over the preset
     tasks: tuple[str, ...] = ("nlg", "nlu")  # the demo tasks it applies to
+    reference: str = "auto"  # BALoRAConfig.reference; "precomputed": `balora reference` runs first, per seed
 
     @property
     def regularized(self) -> bool:
@@ -58,6 +59,14 @@ METHODS: dict[str, Method] = {
             TERMS,
             settings=(("reference_head", "current"),),
             tasks=("nlu",),
+        ),
+        Method(
+            "balora-precomputed",
+            "BA-LoRA (precomp. ref.)",
+            "pissa",
+            TERMS,
+            tasks=("nlg",),
+            reference="precomputed",
         ),
     )
 }
@@ -145,8 +154,9 @@ class DemoSettings:
     tiny: bool = option("a tiny random model and few steps (seconds; for tests/CI)", False)
     methods: list[str] | None = option(
         "comma-separated methods: lora, pissa, balora, the ablations balora-no-consistency, "
-        "balora-no-diversity, balora-no-svd (BA-LoRA with one term switched off), and for nlu "
-        "balora-current-head (the reference read through the current classifier head)",
+        "balora-no-diversity, balora-no-svd (BA-LoRA with one term switched off), for nlu "
+        "balora-current-head (the reference read through the current classifier head), and for nlg "
+        "balora-precomputed (BA-LoRA from a stored top-k reference, docs/precomputed_reference.md)",
         parse=lambda text: [m.strip().lower() for m in str(text).split(",") if m.strip()],
         metavar="LIST",
     )

@@ -87,11 +87,11 @@ def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     variants = [
         m for m in methods if m.startswith("balora-") and m not in ablations
     ]  # e.g. balora-current-head
+    extra = [(v, b) for v in variants for b in ("balora", "pissa") if b in methods]
     if "balora" in methods:
         pairs = [("balora", b) for b in ("pissa", "lora") if b in methods]
-        pairs += [(v, b) for v in variants for b in ("balora", "pissa") if b in methods]
-        return pairs + [("balora", a) for a in ablations]
-    return [(a, "pissa") for a in ablations + variants if "pissa" in methods]
+        return pairs + [("balora", a) for a in ablations] + extra
+    return [(a, "pissa") for a in ablations if "pissa" in methods] + extra
 
 
 def comparisons(runs: Sequence[Mapping[str, Any]], task: str, kind: str = "t") -> list[Comparison]:
