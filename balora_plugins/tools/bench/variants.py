@@ -335,8 +335,11 @@ def term_round(model, objective, batch, device: str) -> dict[str, float]:
     terms = {t.name: t for t in objective.terms}
     kl, ent = terms["consistency"].row_kernel(), terms["diversity"].row_kernel()
     head, chunk = objective.head, objective.config.chunk_size
+    training = model.training
+    model.eval()  # a training-mode forward is captured only with gradient (the student's); this one has none
     with torch.no_grad():
         model(**batch)  # fills the objective's hidden-state capture
+    model.train(training)
     hidden = objective.captured_hidden
     mask = objective.valid_mask(batch, hidden)
     rows = hidden[mask].detach().requires_grad_(True)
