@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import FakeHub, lora, lora_config, plain_peft_logits, sft_args, tiny_llama  # noqa: E402
 from dist_worker import collate, dataset  # noqa: E402
+from test_callback import StopAt  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.callback import BALoRACallback  # noqa: E402
@@ -56,17 +57,6 @@ class RecordAtSave(TrainerCallback):
         with torch.no_grad():
             self.logits[state.global_step] = model.eval()(input_ids=torch.tensor(IDS)).logits.detach().clone()
         model.train(was_training)
-
-
-class StopAt(TrainerCallback):
-    """Ends training after ``step`` (a run killed after its checkpoint)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def _targs(out, **kw) -> TrainingArguments:

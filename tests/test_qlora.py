@@ -18,13 +18,13 @@ pytest.importorskip("bitsandbytes", reason="QLoRA tests need bitsandbytes (the `
 
 from conftest import VOCAB, lora_config, sft_args, tiny_tokenizer  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
+from test_callback import Rows, targs  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
-    TrainingArguments,
 )
 
 from balora_plugins import BALoRAConfig  # noqa: E402
@@ -157,7 +157,7 @@ def test_pre_initialised_qpissa_pair_is_recognised(fp_dir, tmp_path):
     assert adapter_start(unrelated).rewritten is None
     # trains with the step-0 reference and serves as the rank-2r plain LoRA of the full-precision base
     trainer = Trainer(
-        model=pair, args=_targs(tmp_path / "run"), train_dataset=Rows(_rows()), callbacks=[BALoRACallback(ON)]
+        model=pair, args=targs(tmp_path / "run"), train_dataset=Rows(_rows()), callbacks=[BALoRACallback(ON)]
     )
     assert trainer.balora.mode == "adapter_snapshot"
     trainer.train()
@@ -261,17 +261,6 @@ def test_trl_qpissa_from_a_model_id_trains_and_serves_on_the_full_precision_base
 
 
 # ---------------------------------------------------------------------------------------------- callback
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data["input_ids"])
-
-    def __getitem__(self, i: int):
-        return {k: v[i] for k, v in self.data.items()}
-
-
 def _rows(n: int = 8, t: int = 12):
     x = ids(seed=1, n=n, t=t)
     labels = x.clone()
@@ -279,26 +268,10 @@ def _rows(n: int = 8, t: int = 12):
     return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
 
 
-def _targs(tmp_path, **kw) -> TrainingArguments:
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return TrainingArguments(**{**base, **kw})
-
-
 def test_callback_qpissa_with_the_documented_helper(fp_dir, tmp_path):
     model = get_qpissa_model(load_4bit(fp_dir), lora_config("pissa_niter_4", targets=TARGETS))
     trainer = Trainer(
-        model=model, args=_targs(tmp_path), train_dataset=Rows(_rows()), callbacks=[BALoRACallback(ON)]
+        model=model, args=targs(tmp_path), train_dataset=Rows(_rows()), callbacks=[BALoRACallback(ON)]
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -315,7 +288,7 @@ def test_explicit_full_precision_reference_measures_the_4bit_distance(fp_dir, tm
     pretrained = load_fp(fp_dir)
     config = BALoRAConfig(**{**ON, "lambda_diversity": 0.0, "lambda_svd": 0.0})
     cb = BALoRACallback(config, ref_model=pretrained)
-    trainer = Trainer(model=model, args=_targs(tmp_path), callbacks=[cb])
+    trainer = Trainer(model=model, args=targs(tmp_path), callbacks=[cb])
     assert trainer.balora.mode == "model"
     model.train()
     batch = _rows(n=4)
