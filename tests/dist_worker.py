@@ -86,3 +86,6 @@ def main(out: str, per_device: int, ga: int = 1) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    if torch.distributed.is_initialized():  # a group left to interpreter shutdown can abort a rank after success
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
