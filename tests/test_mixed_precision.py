@@ -29,7 +29,6 @@ from balora_plugins.core import (
     NegEntropyRows,
     OutputHead,
     chunked_row_terms,
-    clear_factor_cache,
 )
 
 T, K = 2.0, 5
@@ -137,7 +136,7 @@ def test_no_full_fp32_copy_of_a_low_precision_head(kind, device, monkeypatch):
     h, h_ref, w, b = _data(m=m, d=d, v=v, seed=3)
     head, _ = _heads(kind, w, b, torch.bfloat16, device)
     hl = h.to(device, torch.bfloat16).requires_grad_(True)
-    clear_factor_cache()  # the linear heads' Gram factor is computed inside, blockwise too
+    head.forget_gram_factor()  # the linear heads' Gram factor is computed inside, blockwise too
     with _Allocations() as rec:
         total, _ = chunked_row_terms(
             hl, h_ref.bfloat16(), head, [KLRows(T), NegEntropyRows(K)], [1.0, 1.0], chunk

@@ -1,6 +1,8 @@
-"""Framework-free BA-LoRA core: the terms and their fused kernels, the reference, the objective, the export,
-the model facts and the plugin hooks. Everything a program built on the library may use is named here."""
+"""Framework-free BA-LoRA core: the term contract, the terms and their fused kernels, the reference, the
+objective, the export, the model facts and the plugin hooks. Everything a program built on the library may use
+is named here."""
 
+from .contract import AUTOGRAD, CLOSED_FORM, MATRIX, ROW, RowKernel, Term, TopKRows, as_row_kernel
 from .export import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -12,7 +14,7 @@ from .export import (
     require_empty_dir,
     save_initial_adapter,
 )
-from .fused import HiddenView, LogitsView, OutputHead, TopKRows, chunked_row_terms, clear_factor_cache
+from .fused import HiddenView, LogitsView, OutputHead, chunked_row_terms
 from .hookspecs import hookimpl
 from .model import check_reference_head, decoder_of, output_head, validate_model
 from .objective import BALoRAObjective, LossScaling
@@ -37,13 +39,15 @@ from .reference import (
     reference_mode,
     unwrap,
 )
-from .terms import MATRIX, ROW, Consistency, EntropyDiversity, KLRows, NegEntropyRows, SVDShare, Term
+from .terms import Consistency, EntropyDiversity, KLRows, NegEntropyRows, SVDShare
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "AUTOGRAD",
     "AdapterStart",
     "BALoRAObjective",
+    "CLOSED_FORM",
     "DEFAULT_TOP_K",
     "Consistency",
     "EntropyDiversity",
@@ -58,14 +62,15 @@ __all__ = [
     "PrecomputedReference",
     "REF_ADAPTER",
     "ROW",
+    "RowKernel",
     "ReferenceStore",
     "SVDShare",
     "Term",
     "TopKRows",
     "adapter_start",
+    "as_row_kernel",
     "check_reference_head",
     "chunked_row_terms",
-    "clear_factor_cache",
     "collect_terms",
     "decoder_of",
     "example_key",

@@ -6,11 +6,11 @@ Nothing here materialises the (M, |V|) logits of a micro-batch:
   with respect to the hidden states is computed inside the forward (one chunk alive at a time, as in
   Liger-Kernel's fused linear losses) and replayed in backward, so peak extra memory is one chunk × |V|
   (a few fp32 buffers of it); each term hands the driver its own per-chunk kernel
-  (:meth:`~balora_plugins.core.terms.Term.row_kernel`): the built-in KL and top-K entropy come with
-  closed-form gradients (``rows_and_grad``) that skip autograd inside the chunk; any other row function is
-  differentiated by autograd with respect to the chunk's logits only;
+  (:meth:`~balora_plugins.core.contract.Term.row_kernel`, a :class:`~balora_plugins.core.contract.RowKernel`):
+  a kernel that declares a closed-form gradient (the built-in KL and top-K entropy) skips autograd inside the
+  chunk; any other row function is differentiated by autograd with respect to the chunk's logits only;
 * the SVD term and ‖Z‖_F come from a Gram matrix (docs/method.md §3.3): for a linear head σ(H·Wᵀ) = σ(H·Rᵀ)
-  with RᵀR = WᵀW (d×d, cached while the head is unchanged); for a soft-capped head (Gemma-2/3), which is not
+  with RᵀR = WᵀW (d×d, cached on the head's weight while it is unchanged); for a soft-capped head (Gemma-2/3), which is not
   linear, the M×M Gram ZZᵀ accumulated over blocks of the vocabulary. Both exact, no randomised SVD.
 
 A head with a bias is handled by augmenting H with a column of ones; a constant logit scale multiplies H.
@@ -19,30 +19,19 @@ A bf16/fp16 head is never copied to fp32 as a whole (:class:`OutputHead`): the l
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from .contract import CLOSED_FORM, RowFn, RowKernel, TopKRows, as_row_kernel
 from .distributed import local_shard
 
 # ---------------------------------------------------------------------------------------------- the head
 # At most this many bytes of a low-precision head are held in fp32 at a time (one block of its rows).
 UPCAST_BLOCK_BYTES = 32 * 2**20
-_NATIVE_MM = {"ok": True}  # becomes False if this torch has no `torch.mm(..., out_dtype=)` on the device
-
-
-def _native_fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """``a @ b`` in fp32 from low-precision CUDA operands, accumulated in fp32 (``torch.mm(out_dtype=)``,
-    torch >= 2.8 on CUDA); None where unavailable (CPU, older torch), so the caller upcasts block by block."""
-    if not (a.is_cuda and _NATIVE_MM["ok"]):
-        return None
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (RuntimeError, TypeError, NotImplementedError):
-        _NATIVE_MM["ok"] = False
-        return None
+# The attribute of the head's weight (or its ``source`` parameter) that holds its Gram factor and the factor's key.
+GRAM_FACTOR_ATTR = "balora_gram_factor"
 
 
 class _HeadMatmul(torch.autograd.Function):
@@ -66,10 +55,12 @@ class OutputHead:
 
     ``weight`` (V, d), ``bias`` (V,) or None, ``scale`` a Python float, ``softcap`` a float or None.
     ``source``: the parameter ``weight`` was gathered from when it is a per-step copy (FSDP2
-    ``full_tensor()``); it keys the Gram-factor cache instead of the copy (default: ``weight`` itself).
+    ``full_tensor()``); the Gram factor is kept on it instead of on the copy (default: on ``weight`` itself),
+    so a head rebuilt every step reuses it (:meth:`gram_factor`).
 
     The logits are always fp32. A bf16/fp16 head is never copied to fp32 as a whole: on CUDA the products
-    run in the head's dtype with fp32 accumulation and fp32 output; elsewhere the head is upcast one block of
+    run in the head's dtype with fp32 accumulation and fp32 output (``torch.mm(out_dtype=)``, torch >= 2.8;
+    a head whose first such product fails upcasts from then on); elsewhere the head is upcast one block of
     rows (:data:`UPCAST_BLOCK_BYTES`) at a time, which gives the same fp32 logits.
     """
 
@@ -78,6 +69,19 @@ class OutputHead:
     scale: float = 1.0
     softcap: float | None = None
     source: torch.Tensor | None = None
+    native_mm: bool = field(default=True, repr=False, compare=False)
+
+    def _native_fp32_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """``a @ b`` in fp32 from low-precision CUDA operands, accumulated in fp32 (``torch.mm(out_dtype=)``,
+        torch >= 2.8 on CUDA); None where unavailable (CPU, older torch: :attr:`native_mm` turns False for this
+        head), so the caller upcasts block by block."""
+        if not (a.is_cuda and self.native_mm):
+            return None
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            self.native_mm = False
+            return None
 
     # ------------------------------------------------------------------ products with the weight
     @property
@@ -95,7 +99,7 @@ class OutputHead:
         if w.dtype == torch.float32:
             return x.float() @ w[start:stop].T
         if x.dtype == w.dtype:
-            out = _native_fp32_mm(x, w[start:stop].T)
+            out = self._native_fp32_mm(x, w[start:stop].T)
             if out is not None:
                 return out
         x32 = x.float()
@@ -112,7 +116,9 @@ class OutputHead:
         w = self.weight.detach()
         if w.dtype == torch.float32:
             return g @ w[start:stop]
-        out = _native_fp32_mm(g.to(w.dtype), w[start:stop])  # the rounding autograd through the head would do
+        out = self._native_fp32_mm(
+            g.to(w.dtype), w[start:stop]
+        )  # the rounding autograd through the head would do
         if out is not None:
             return out
         acc = g.new_zeros((g.shape[0], w.shape[1]))
@@ -164,17 +170,28 @@ class OutputHead:
             h = torch.cat([h, ones], dim=1)
         return h
 
-    def gram_factor(self) -> torch.Tensor:
-        """R (d', d') with RᵀR = W̃ᵀW̃ (W̃ = [W, b] when there is a bias), cached per weight version."""
+    def _factor_owner_and_key(self) -> tuple[torch.Tensor, tuple]:
+        """The tensor the factor is kept on (``source``, else ``weight``) and the key that must match to reuse it."""
         src = self.weight if self.source is None else self.source
         local = local_shard(src)  # a DTensor's / ZeRO-3 parameter's own shard: the same storage every step
         no_bias_key = self.bias is None or self.source is not None  # a gathered bias is a new copy every step
         bias_key = None if no_bias_key else (self.bias.data_ptr(), self.bias._version)
         shard = (local.data_ptr(), local._version)
-        key = (shard, src._version, tuple(self.weight.shape), self.weight.dtype, bias_key)
-        owner = _FACTOR_CACHE.get("owner")  # a freed head's address and version can be reused by a new tensor
-        if _FACTOR_CACHE.get("key") == key and owner is not None and owner() is src:
-            return _FACTOR_CACHE["R"]
+        key = (shard, src._version, tuple(self.weight.shape), self.weight.dtype, self.weight.device, bias_key)
+        return src, key
+
+    def gram_factor(self) -> torch.Tensor:
+        """R (d', d') with RᵀR = W̃ᵀW̃ (W̃ = [W, b] when there is a bias), fp32.
+
+        Kept on the head's weight (``source`` for a per-step copy) as its ``balora_gram_factor`` attribute, so
+        it lives and dies with that tensor, and reused while the key matches: the same storage and version of
+        the weight (an in-place change, a load, a move to another device recompute it), shape, dtype, device,
+        and — for a bias that is not a per-step copy — the bias's storage and version.
+        """
+        src, key = self._factor_owner_and_key()
+        cached = getattr(src, GRAM_FACTOR_ATTR, None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():
             w = self.weight.detach()
             b = None if self.bias is None else self.bias.detach()
@@ -191,20 +208,18 @@ class OutputHead:
             evals, evecs = torch.linalg.eigh(gram)
             r = (evecs * evals.clamp(min=0).sqrt()).T  # R = Λ^½ Qᵀ, so RᵀR = Q Λ Qᵀ = G
             r = r.float()
-        _FACTOR_CACHE.update(key=key, R=r, owner=weakref.ref(src))
+        setattr(src, GRAM_FACTOR_ATTR, (key, r))
         return r
+
+    def forget_gram_factor(self) -> None:
+        """Drop the Gram factor kept on this head's weight (the next :meth:`gram_factor` recomputes it)."""
+        src = self.weight if self.source is None else self.source
+        if hasattr(src, GRAM_FACTOR_ATTR):
+            delattr(src, GRAM_FACTOR_ATTR)
 
     def projected(self, h: torch.Tensor) -> torch.Tensor:
         """Z̃ = H̃·Rᵀ (M, d'): same singular values and Frobenius norm as the logits (no soft-cap)."""
         return self._augment(h) @ self.gram_factor().T
-
-
-_FACTOR_CACHE: dict = {}
-
-
-def clear_factor_cache() -> None:
-    """Forget the cached Gram factor (the next :meth:`OutputHead.gram_factor` recomputes it)."""
-    _FACTOR_CACHE.clear()
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -330,63 +345,13 @@ def softcap_gram(hidden: torch.Tensor, head: OutputHead, block: int) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- row terms
-@dataclass
-class TopKRows:
-    """A reference given per row as its top-k logits and one bucket for the rest of the vocabulary, at one T.
-
-    What a precomputed reference (docs/precomputed_reference.md) hands the chunked driver instead of reference
-    hidden states: with it, q_v = exp(z_v/T − ``log_normalizer``) is exact for the k stored tokens and the
-    rest of the vocabulary is one bucket of mass exp(``tail_log_mass``). Sliced by rows like a tensor.
-
-    Attributes:
-        token_ids: (M, k) int64, the k largest reference logits' token ids.
-        logits: (M, k) fp32, those logits z (raw, not divided by T).
-        log_normalizer: (M,) fp32, logsumexp(z/T) over the full vocabulary.
-        tail_log_mass: (M,) fp32, log of the tempered reference mass outside the top k (−inf when k = |V|).
-        entropy: (M,) fp32, H(softmax(z/T)) over the full vocabulary (the adaptive λ1's confidence).
-        temperature: T.
-    """
-
-    token_ids: torch.Tensor
-    logits: torch.Tensor
-    log_normalizer: torch.Tensor
-    tail_log_mass: torch.Tensor
-    entropy: torch.Tensor
-    temperature: float
-
-    def __len__(self) -> int:
-        return int(self.token_ids.shape[0])
-
-    def __getitem__(self, rows: slice) -> TopKRows:
-        return TopKRows(
-            self.token_ids[rows],
-            self.logits[rows],
-            self.log_normalizer[rows],
-            self.tail_log_mass[rows],
-            self.entropy[rows],
-            self.temperature,
-        )
-
-    def to(self, device: torch.device | str) -> TopKRows:
-        return TopKRows(
-            self.token_ids.to(device, non_blocking=True),
-            self.logits.to(device, non_blocking=True),
-            self.log_normalizer.to(device, non_blocking=True),
-            self.tail_log_mass.to(device, non_blocking=True),
-            self.entropy.to(device, non_blocking=True),
-            self.temperature,
-        )
-
-
-RowFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
 class _ChunkedRowTerms(torch.autograd.Function):
     """Σ_i w_i · Σ_rows f_i(head(h), head(h_ref)) over chunks of rows, gradient computed in forward.
 
     Per chunk: the student's and the reference's logits in one pass over the head (fp32, see
-    :class:`OutputHead`); each term's value and ∂/∂z — closed form where the kernel has ``rows_and_grad``,
-    else autograd of the row function with respect to the chunk's logits only — summed into one chunk-wide
+    :class:`OutputHead`); each term's value and ∂/∂z — closed form when every kernel declares
+    ``gradient = "closed_form"`` (:class:`~balora_plugins.core.contract.RowKernel`), else autograd of the
+    kernels' calls with respect to the chunk's logits only — summed into one chunk-wide
     buffer; then ∂/∂h through the head, block by block. No graph crosses chunks and the head is never copied.
     """
 
@@ -396,7 +361,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         sums = torch.zeros(len(fns), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
-        closed_form = all(hasattr(fn, "rows_and_grad") for fn in fns)
+        closed_form = all(fn.gradient == CLOSED_FORM for fn in fns)
         h_all = hidden.detach()
         for s in range(0, m, chunk_size):
             e = min(s + chunk_size, m)
@@ -453,7 +418,7 @@ def chunked_row_terms(
     hidden: torch.Tensor,
     ref_hidden: torch.Tensor | TopKRows | None,
     head: OutputHead,
-    fns: Sequence[RowFn],
+    fns: Sequence[RowKernel | RowFn],
     weights: Sequence[float],
     chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,7 +429,8 @@ def chunked_row_terms(
         ref_hidden: (M, d) reference hidden states (no grad), a precomputed reference (:class:`TopKRows`, M rows;
             only kernels with ``accepts_topk_reference`` take it), or None when no term needs them.
         head: the frozen output head (fp32, bf16 or fp16; the logits are fp32 either way).
-        fns: per-row functions ``f(z, z_ref) -> (rows,)`` on fp32 logits chunks (rows, V).
+        fns: row kernels (:class:`~balora_plugins.core.contract.RowKernel`) or plain per-row functions
+            ``f(z, z_ref) -> (rows,)`` (differentiated by autograd) on fp32 logits chunks (rows, V).
         weights: one float per function (λ already divided by the normaliser).
         chunk_size: rows per chunk.
 
@@ -475,6 +441,7 @@ def chunked_row_terms(
     if not fns:
         z = hidden.new_zeros((), dtype=torch.float32)
         return z, hidden.new_zeros((0,), dtype=torch.float32)
+    kernels = [as_row_kernel(fn) for fn in fns]
     return _ChunkedRowTerms.apply(
-        hidden, ref_hidden, head, list(fns), [float(w) for w in weights], int(chunk_size)
+        hidden, ref_hidden, head, kernels, [float(w) for w in weights], int(chunk_size)
     )

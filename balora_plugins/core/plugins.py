@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Iterable
+from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from ..config import BALoRAConfig
+from . import hookspecs, terms
+from .contract import Term
 
 _PM: pluggy.PluginManager | None = None
-_BUILTIN = "balora_plugins.core.terms"
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -23,22 +25,22 @@ def plugin_manager() -> pluggy.PluginManager:
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
         pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-        builtin = importlib.import_module(_BUILTIN)
-        if not pm.is_registered(builtin):
-            pm.register(builtin, name="builtin")
+        if not pm.is_registered(terms):
+            pm.register(terms, name="builtin")
         _PM = pm
     return _PM
 
 
-def collect_terms(config, extra_plugins=()) -> list:
-    """All terms for ``config``: from registered plugins, then from ``extra_plugins`` (objects or modules)."""
+def collect_terms(config: BALoRAConfig, extra_plugins: Iterable[Any] = ()) -> list[Term]:
+    """All terms for ``config``: from registered plugins, in pluggy's call order (the built-in implementation is
+    ``tryfirst``, so its terms lead, in the order it returns them), then from ``extra_plugins`` (objects or
+    modules with a ``balora_terms(config)`` method), in the order given."""
     pm = plugin_manager()
-    terms = [t for group in pm.hook.balora_terms(config=config) for t in (group or [])]
+    found = [t for group in pm.hook.balora_terms(config=config) for t in (group or [])]
     for plugin in extra_plugins:
-        terms.extend(plugin.balora_terms(config=config) or [])
-    names = [t.name for t in terms]
+        found.extend(plugin.balora_terms(config=config) or [])
+    names = [t.name for t in found]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"BA-LoRA terms {dupes} are registered twice; each term needs a unique name.")
-    order = {"consistency": 0, "diversity": 1, "svd": 2}
-    return sorted(terms, key=lambda t: order.get(t.name, 3))
+    return found

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..functional import IGNORE_INDEX
-from .fused import TopKRows
+from .contract import TopKRows, as_row_kernel
 from .model import decoder_of, output_head, probe_possible
 
 FORMAT = "balora-topk-reference"
@@ -583,8 +583,8 @@ class PrecomputedReference:
         """Every reference-using term must take a top-k reference (``accepts_topk_reference`` on its kernel)."""
         for t in terms:
             if t.needs_reference and weights.get(t.name, 0.0) > 0:
-                kernel = t.row_kernel()
-                if not getattr(kernel, "accepts_topk_reference", False):
+                kernel = as_row_kernel(t.row_kernel())
+                if not kernel.accepts_topk_reference:
                     raise ValueError(
                         f"BA-LoRA term {t.name!r} needs the reference but its kernel ({type(kernel).__name__}) takes "
                         "only full reference logits, which reference='precomputed' does not store. Use "

@@ -3,64 +3,22 @@
 Row terms (consistency; NLG diversity) give one value per row of the logits; the chunked driver sums
 them chunk by chunk and the objective normalises the sum like the host's cross-entropy. Matrix terms
 (SVD; NLU decorrelation) are per-micro-batch statistics of the whole logits matrix, seen through a
-:class:`~balora_plugins.core.fused.LogitsView` that can avoid materialising the logits.
+:class:`~balora_plugins.core.fused.LogitsView` that can avoid materialising the logits. The contract they
+implement (:class:`~balora_plugins.core.contract.Term`, :class:`~balora_plugins.core.contract.RowKernel`) is
+the one a third-party term implements (docs/extending.md); the closed-form kernels of the built-in row terms
+live here too.
 
 This module is registered through the ``balora_plugins`` entry-point group (see ``pyproject.toml``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
 from .. import functional as Fn
 from ..config import BALoRAConfig
-from .fused import TopKRows
+from .contract import CLOSED_FORM, MATRIX, ROW, Reference, RowFn, RowKernel, Term, TopKRows
 from .hookspecs import hookimpl
-
-ROW = "row"
-MATRIX = "matrix"
-RowKernel = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-@dataclass
-class Term:
-    """Base class of a regularizer term.
-
-    Subclasses set ``name``, ``level`` (``"row"`` or ``"matrix"``), ``needs_reference`` and implement
-    :meth:`rows` (row terms: (M, C) logits, (M, C) reference logits or None -> (M,)) or :meth:`matrix`
-    (matrix terms: a LogitsView -> 0-d tensor). :meth:`weight` maps the scheduled λs to this term's weight;
-    a third-party term may ignore them and return its own constant.
-    """
-
-    name: str = "term"
-    level: str = ROW
-    needs_reference: bool = False
-
-    def weight(self, lambdas: dict[str, float]) -> float:
-        return float(lambdas.get(self.name, 0.0))
-
-    def rows(self, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
-        raise TypeError(f"term {self.name!r} is a row term but does not define rows()")
-
-    def row_kernel(self) -> RowKernel:
-        """What the chunked driver runs on each (rows, |V|) fp32 chunk of logits.
-
-        Either a callable ``(z, z_ref) -> (rows,)`` that the driver differentiates with autograd — by default
-        this term's own :meth:`rows` — or an object that also has ``rows_and_grad`` (see :class:`KLRows`), whose
-        closed-form gradient lets the driver skip autograd inside the chunk. A term offers its fused kernel by
-        overriding this method; the driver never looks at a term's type.
-        """
-        return self.rows
-
-    def matrix(self, view) -> torch.Tensor:  # pragma: no cover
-        raise TypeError(f"term {self.name!r} is a matrix term but does not define matrix()")
-
-    def is_noop(self, num_rows: int, num_cols: int) -> bool:
-        """True when the term is constant for logits of this shape (so it is skipped)."""
-        return False
 
 
 class Consistency(Term):
@@ -76,11 +34,9 @@ class Consistency(Term):
             return Fn.mse_rows(logits, ref_logits)
         return Fn.kl_rows(logits, ref_logits, self.temperature)
 
-    def row_kernel(self) -> RowKernel:
-        # a subclass that restates the formula (overrides rows) keeps its own formula, through autograd
-        if self.kind == "kl" and type(self).rows is Consistency.rows:
-            return KLRows(self.temperature)
-        return self.rows
+    def row_kernel(self) -> RowKernel | RowFn:
+        # the KL has a closed form; the MSE runs through autograd (a subclass restating rows: see Term)
+        return KLRows(self.temperature) if self.kind == "kl" else self.rows
 
 
 class EntropyDiversity(Term):
@@ -94,7 +50,7 @@ class EntropyDiversity(Term):
         return -Fn.entropy_rows(logits, self.top_k)
 
     def row_kernel(self) -> RowKernel:
-        return NegEntropyRows(self.top_k) if type(self).rows is EntropyDiversity.rows else self.rows
+        return NegEntropyRows(self.top_k)
 
 
 class Decorrelation(Term):
@@ -130,7 +86,7 @@ class SVDShare(Term):
 
 
 # ---------------------------------------------------------------------------------------------- fused kernels
-class KLRows:
+class KLRows(RowKernel):
     """Row function T²·KL(softmax(z_ref/T) ‖ softmax(z/T)) with its closed-form gradient T·(p − q).
 
     Calling it gives the same values as :func:`balora_plugins.functional.kl_rows`; :meth:`rows_and_grad` lets
@@ -139,12 +95,13 @@ class KLRows:
     :meth:`topk_rows_and_grad`.
     """
 
+    gradient = CLOSED_FORM
     accepts_topk_reference = True  # what a reference="precomputed" run asks of every reference-using kernel
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = float(temperature)
 
-    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | TopKRows | None) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, z_ref: Reference) -> torch.Tensor:
         if isinstance(z_ref, TopKRows):
             return self.topk_rows_and_grad(z, z_ref, 0.0, None, False)[0]
         return Fn.kl_rows(z, z_ref, self.temperature)
@@ -180,7 +137,9 @@ class KLRows:
             acc = g.mul_(weight * t) if acc is None else acc.add_(g, alpha=weight * t)
         return values, acc
 
-    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
+    def rows_and_grad(
+        self, z: torch.Tensor, z_ref: Reference, weight: float, acc: torch.Tensor | None, need_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row values (n,) and ``acc`` += weight·∂Σvalues/∂z (allocated when None; untouched without grad)."""
         if isinstance(z_ref, TopKRows):
             return self.topk_rows_and_grad(z, z_ref, weight, acc, need_grad)
@@ -196,20 +155,24 @@ class KLRows:
         return values, acc
 
 
-class NegEntropyRows:
+class NegEntropyRows(RowKernel):
     """Row function −H(softmax of the row's ``top_k`` largest logits) (0 = all) with its closed-form gradient.
 
     Same values as ``-functional.entropy_rows(z, top_k)``; for L = Σπ·log π over the kept logits u,
     ∂L/∂u = π·(log π + H), scattered back to the kept columns.
     """
 
+    gradient = CLOSED_FORM
+
     def __init__(self, top_k: int = 0):
         self.top_k = int(top_k)
 
-    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, z_ref: Reference) -> torch.Tensor:
         return -Fn.entropy_rows(z, self.top_k)
 
-    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
+    def rows_and_grad(
+        self, z: torch.Tensor, z_ref: Reference, weight: float, acc: torch.Tensor | None, need_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = None
         u = z
         if 0 < self.top_k < z.shape[-1]:
@@ -227,25 +190,29 @@ class NegEntropyRows:
         return -ent, acc
 
 
-class TemperedEntropyRows:
+class TemperedEntropyRows(RowKernel):
     """Row quantity H(softmax(z/T)) over the full width (no gradient): the reference's confidence statistic.
 
     Used by the adaptive consistency weight (docs/method.md §3.1); ``rows_and_grad`` lets the chunked driver
     run it without autograd and leaves the gradient buffer untouched (the quantity is a constant of the step).
     """
 
+    gradient = CLOSED_FORM
+
     def __init__(self, temperature: float = 1.0):
         self.temperature = float(temperature)
 
-    def __call__(self, z: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, z_ref: Reference) -> torch.Tensor:
         logp = torch.log_softmax(z / self.temperature, dim=-1)
         return -(logp.exp() * logp).sum(-1)
 
-    def rows_and_grad(self, z, z_ref, weight: float, acc: torch.Tensor | None, need_grad: bool):
+    def rows_and_grad(
+        self, z: torch.Tensor, z_ref: Reference, weight: float, acc: torch.Tensor | None, need_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self(z, z_ref), acc
 
 
-@hookimpl
+@hookimpl(tryfirst=True)  # the built-in terms lead the objective's terms, whatever the registration order
 def balora_terms(config: BALoRAConfig) -> list[Term]:
     diversity = EntropyDiversity(config) if config.diversity_kind == "entropy" else Decorrelation(config)
     return [Consistency(config), diversity, SVDShare(config)]

@@ -32,7 +32,6 @@ def run_regularizers(args: argparse.Namespace, rows: int, vocab: int, hidden: in
         OutputHead,
         SVDShare,
         chunked_row_terms,
-        clear_factor_cache,
     )
 
     if args.threads:
@@ -107,8 +106,7 @@ def run_regularizers(args: argparse.Namespace, rows: int, vocab: int, hidden: in
     )
     if args.softcap > 0:
         out.update(softcap_svd(args, cfg, h, w))
-    clear_factor_cache()
-    return out
+    return out  # the Gram factor is kept on w and goes with it
 
 
 def softcap_svd(args: argparse.Namespace, cfg, h, w) -> dict[str, Any]:
