@@ -10,8 +10,9 @@ Nothing here materialises the (M, |V|) logits of a micro-batch:
   a kernel that declares a closed-form gradient (the built-in KL and top-K entropy) skips autograd inside the
   chunk; any other row function is differentiated by autograd with respect to the chunk's logits only;
 * the SVD term and ‖Z‖_F come from a Gram matrix (docs/method.md §3.3): for a linear head σ(H·Wᵀ) = σ(H·Rᵀ)
-  with RᵀR = WᵀW (d×d, cached on the head's weight while it is unchanged); for a soft-capped head (Gemma-2/3), which is not
-  linear, the M×M Gram ZZᵀ accumulated over blocks of the vocabulary. Both exact, no randomised SVD.
+  with RᵀR = WᵀW (d×d, kept on the head's weight while it is unchanged); for a soft-capped head (Gemma-2/3),
+  which is not linear, the M×M Gram ZZᵀ accumulated over blocks of the vocabulary. Both exact, no randomised
+  SVD.
 
 A head with a bias is handled by augmenting H with a column of ones; a constant logit scale multiplies H.
 A bf16/fp16 head is never copied to fp32 as a whole (:class:`OutputHead`): the logits are fp32 all the same.
@@ -30,7 +31,7 @@ from .distributed import local_shard
 # ---------------------------------------------------------------------------------------------- the head
 # At most this many bytes of a low-precision head are held in fp32 at a time (one block of its rows).
 UPCAST_BLOCK_BYTES = 32 * 2**20
-# The attribute of the head's weight (or its ``source`` parameter) that holds its Gram factor and the factor's key.
+# The attribute of the head's weight (or its ``source`` parameter) holding (key, Gram factor).
 GRAM_FACTOR_ATTR = "balora_gram_factor"
 
 
@@ -116,9 +117,8 @@ class OutputHead:
         w = self.weight.detach()
         if w.dtype == torch.float32:
             return g @ w[start:stop]
-        out = self._native_fp32_mm(
-            g.to(w.dtype), w[start:stop]
-        )  # the rounding autograd through the head would do
+        # g.to(w.dtype): the rounding autograd through the head would do
+        out = self._native_fp32_mm(g.to(w.dtype), w[start:stop])
         if out is not None:
             return out
         acc = g.new_zeros((g.shape[0], w.shape[1]))
@@ -171,7 +171,7 @@ class OutputHead:
         return h
 
     def _factor_owner_and_key(self) -> tuple[torch.Tensor, tuple]:
-        """The tensor the factor is kept on (``source``, else ``weight``) and the key that must match to reuse it."""
+        """The tensor the factor is kept on (``source``, else ``weight``) and the key it must match to be reused."""
         src = self.weight if self.source is None else self.source
         local = local_shard(src)  # a DTensor's / ZeRO-3 parameter's own shard: the same storage every step
         no_bias_key = self.bias is None or self.source is not None  # a gathered bias is a new copy every step
