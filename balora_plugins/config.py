@@ -2,7 +2,7 @@
 
 The fields follow `docs/method.md` (our statement of arXiv:2408.04556). Each field carries
 its help text in ``metadata["help"]`` (the PEFT/TRL convention), which the axolotl args model and
-the README's key table reuse.
+the key table of ``balora_plugins/axolotl/README.md`` reuse.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 
 
 _PRESET_DEFAULT = (
-    " Default: the value of the preset matching `task` and `formulation` (see README, Configuration)."
+    " Default: the value of the preset matching `task` and `formulation` (see docs/usage.md, Configuration)."
 )
 
 

@@ -240,7 +240,7 @@ class BALoRATrainerMixin:
         # the Trainer copies the checkpoint's adapter files into it — the servable root now. The checkpoint's card
         # and balora_config.json go with them (when the Trainer pushes: not with "end", nor while an earlier push is
         # still uploading), so every push shows the card of what it uploads; the "checkpoint" strategies upload the
-        # checkpoint folder itself as well, balora_resume/ included (README, "The Hub").
+        # checkpoint folder itself as well, balora_resume/ included (docs/usage.md, "What a run writes").
         busy = (
             not self.args.hub_always_push
             and self.push_in_progress is not None
@@ -258,7 +258,7 @@ class BALoRATrainerMixin:
         """``Trainer.push_to_hub``, uploading ``balora_resume/`` only where the user pushes to resume.
 
         The servable root and its card always go up; the trainable form in ``balora_resume/`` only with
-        ``hub_strategy`` ``"checkpoint"`` / ``"all_checkpoints"`` or ``hub_push_resume=True`` (README, "The Hub").
+        ``hub_strategy`` ``"checkpoint"`` / ``"all_checkpoints"`` or ``hub_push_resume=True`` (docs/usage.md, "What a run writes").
         Otherwise it waits in ``_balora_resume.hold`` (``"_*"`` is what the Trainer's upload skips) until the upload
         has finished — also with ``blocking=False``, which then waits for it.
         """

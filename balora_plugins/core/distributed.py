@@ -1,4 +1,4 @@
-"""What BA-LoRA needs to know about sharded training engines, in one place (README "Multi-GPU").
+"""What BA-LoRA needs to know about sharded training engines, in one place (docs/distributed.md).
 
 Under DeepSpeed ZeRO-3 every parameter outside the engine's own forward is a partitioned placeholder (shape (0,),
 the rank's slice in ``param.ds_tensor``); under FSDP2 it is a DTensor; under FSDP1 it is a view into the rank's
@@ -273,7 +273,7 @@ def fsdp_version(accelerator: Any) -> int | None:
 
 
 def check_engine(accelerator: Any, model: nn.Module | None = None) -> None:
-    """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (README, "Multi-GPU").
+    """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (docs/distributed.md).
 
     Every message names the engine, the setting and what to use instead. ``model``: the trained model, for the
     checks that depend on it (a 4-bit QPiSSA residual under ZeRO-3).

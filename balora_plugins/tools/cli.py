@@ -401,7 +401,8 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "needs matplotlib to draw the plots, and it is not installed: pip install matplotlib (or install "
             "the package with its report extra, pip install 'balora-plugins[report]')."
         ) from None
-    from balora_plugins.tools.report import ReportError, report
+    from balora_plugins.tools.demo.plots import report  # a demo directory's plots, else the run report
+    from balora_plugins.tools.report import ReportError
 
     try:
         path, plots, runs = report(args.run_dir, args.out, progress=progress_printer("report"))

@@ -7,8 +7,10 @@ seeds, with 95 % intervals, paired comparisons, forgetting (NLG) and label-noise
 * :mod:`.nlu` — MiniLM on BBC News: label noise, evaluation, driver;
 * :mod:`.stats` — intervals (Student t, paired bootstrap) and verdicts;
 * :mod:`.tables` — per-method intervals, paired comparisons, the table and the verdict lines;
-* :mod:`.runner` — :func:`run`: everything above, then ``results.json``, ``summary.md`` and the plots
-  (:mod:`balora_plugins.tools.report`).
+* :mod:`.plots` — the demo's plots (per-seed metrics, paired differences) beside the run plots of
+  :mod:`balora_plugins.tools.report`, and `balora report` on a demo directory;
+* :mod:`.summary` — ``summary.md`` and the cost line;
+* :mod:`.runner` — :func:`run`: everything above, then ``results.json``, ``summary.md`` and the plots.
 
 Everything lands in ``--out``: ``summary.md``, ``results.json``, PNG plots, ``seed<N>/<method>/trainer_state.json``
 (the logs, readable by ``balora report``) and, for the first seed, ``seed<N>/<method>/adapter``.

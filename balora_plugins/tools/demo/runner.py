@@ -10,7 +10,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from .nlg import run_nlg
+from .nlu import run_nlu
+from .plots import render
 from .settings import RESULTS, SUMMARY, DemoSettings, check_out_dir
+from .summary import cost_line, write_summary
 from .tables import comparisons, results_table, summarise, verdict
 
 
@@ -25,11 +29,6 @@ def load_average() -> float | None:
 def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo described by ``s``; write the report into ``s.out`` and return the results dict."""
     import torch
-
-    from balora_plugins.tools import report
-
-    from .nlg import run_nlg
-    from .nlu import run_nlu
 
     check_out_dir(s.out, s.overwrite)
     machine = {
@@ -50,7 +49,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     }
     results["comparisons"] = [c.to_dict() for c in comparisons(results["runs"], s.task, s.interval)]
     t0 = time.perf_counter()
-    plots = report.render_run_dir(s.out, s.out, results=results)
+    plots = render(s.out, s.out, results=results)
     results["timings"]["report"] = time.perf_counter() - t0
     results["timings"]["total"] = time.perf_counter() - t_start
     machine["cpu_seconds"] = time.process_time() - cpu_start  # CPU time of this process, all threads
@@ -60,7 +59,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     with open(os.path.join(s.out, RESULTS), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     lines = verdict(results)
-    report.write_summary(os.path.join(s.out, SUMMARY), results, results_table(results, markdown=True), lines)
+    write_summary(os.path.join(s.out, SUMMARY), results, results_table(results, markdown=True), lines)
     n = len(s.seed)
     log("")
     log(
@@ -76,6 +75,6 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         for line in lines:
             log("  " + line)
     log("")
-    log(report.cost_line(results))
+    log(cost_line(results))
     log(f"Report: {os.path.join(s.out, SUMMARY)} ({len(plots)} plots).")
     return results

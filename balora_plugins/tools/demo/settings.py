@@ -12,10 +12,14 @@ import shutil
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from balora_plugins.tools.report import PLOTS as RUN_PLOTS
+
 PISSA_INIT = "pissa_niter_16"  # the paper's NLG recipe (docs/method.md §1)
 RESULTS = "results.json"
 SUMMARY = "summary.md"
 BASE_DIR = "base_model"
+# the report directory's plots (name: file): the demo's own (tools/demo/plots.py), then the run plots
+PLOTS = {"metrics": "metrics.png", "differences": "differences.png", **RUN_PLOTS}
 TERMS = ("consistency", "diversity", "svd")
 
 
@@ -440,8 +444,6 @@ def check_out_dir(out: str, overwrite: bool) -> None:
 
 def own_entries(out: str) -> list[str]:
     """What an earlier demo wrote into ``out`` (its files, plots, seed folders), to be replaced by a new run."""
-    from balora_plugins.tools.report import PLOTS
-
     names = [RESULTS, SUMMARY, BASE_DIR, "balora_report", *METHODS, *PLOTS.values()]
     if os.path.isdir(out):
         names += [n for n in os.listdir(out) if n.startswith("seed") and n[4:].isdigit()]
