@@ -88,7 +88,7 @@ class TaskRows:
     """The rows of one task (subclasses: :class:`TokenRows`, :class:`ExampleRows`), for the objective ``owner``."""
 
     needs_logits = False
-    """Whether :meth:`micro_batch` needs the host forward's logits (the trainers then ask the host for them)."""
+    """Whether :meth:`micro_batch` needs the logits of the host's forward (a door must then pass them)."""
 
     def __init__(self, owner: Owner):
         self.owner = owner
