@@ -15,13 +15,13 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .schedule import CONSISTENCY_SCHEDULES, REGULARIZER_SCHEDULES, LambdaSchedule, consistency_bounds
+
 CONFIG_NAME = "balora_config.json"
 
 TASKS = ("nlg", "nlu")
 FORMULATIONS = ("iclr2026", "v5")
 SVD_NORMS = ("auto", "frobenius", "nuclear")
-CONSISTENCY_SCHEDULES = ("constant", "cosine", "adaptive")
-REGULARIZER_SCHEDULES = ("constant", "warmup", "linear_warmup", "quadratic_warmup")
 REFERENCES = ("auto", "adapter_snapshot", "disabled_adapter", "model", "precomputed")
 ON_NONFINITE = ("skip", "raise")
 REFERENCE_HEADS = ("initial", "current")
@@ -363,80 +363,27 @@ class BALoRAConfig:
         }
 
     @property
+    def schedule(self) -> LambdaSchedule:
+        """The λ schedule these settings describe (:mod:`balora_plugins.schedule`), read afresh from the fields."""
+        return LambdaSchedule.from_settings(self)
+
+    @property
     def adaptive_consistency_bounds(self) -> tuple[float, float]:
         """(λ1_min, λ1_max) of the adaptive schedule: the fields, or 0.1·λ1 and λ1 where unset (the authors')."""
-        low, high = self.lambda_consistency_min, self.lambda_consistency_max
-        return (
-            0.1 * self.lambda_consistency if low is None else float(low),
-            float(self.lambda_consistency) if high is None else float(high),
+        return consistency_bounds(
+            self.lambda_consistency, self.lambda_consistency_min, self.lambda_consistency_max
         )
 
     def adaptive_lambda_consistency(self, confidence: float) -> float:
-        """λ1 = λ1_min + (λ1_max − λ1_min)·c for the reference's confidence c in [0, 1] (docs/method.md §3.1)."""
-        low, high = self.adaptive_consistency_bounds
-        return low + (high - low) * min(max(float(confidence), 0.0), 1.0)
+        """λ1 for the reference's confidence c in [0, 1]: :meth:`LambdaSchedule.adaptive_consistency`."""
+        return self.schedule.adaptive_consistency(confidence)
 
     def lambdas_at(
         self, progress: float, step: int | None = None, total_steps: int | None = None
     ) -> dict[str, float]:
-        """The three weights at ``progress`` = global_step / max_steps in [0, 1] (docs/method.md §3.1 schedules).
-
-        With ``schedule_whole_steps`` the schedules run on ``step`` (the global optimizer step, from 0) of
-        ``total_steps`` instead (progress = step / total_steps), with the authors' integer warm-up boundaries;
-        a λ2/λ3 warm-up then needs ``step``. Under
-        ``consistency_schedule='adaptive'`` λ1 depends on the micro-batch: this returns its upper bound
-        λ1_max, which :meth:`adaptive_lambda_consistency` lowers by the reference's confidence.
-        """
-        lam = self.lambdas
-        whole = self.schedule_whole_steps and self.regularizer_schedule != "constant"
-        if whole and step is None:
-            raise ValueError(
-                "BALoRAConfig.schedule_whole_steps=True runs the λ2/λ3 warm-up on whole optimizer steps: pass "
-                "lambdas_at(progress, step=global_step, total_steps=max_steps) (the trainers do), or set "
-                "schedule_whole_steps=False."
-            )
-        total = max(int(total_steps or 1), 1)  # as the authors' script: max(int(max_steps or 1), 1)
-        if self.schedule_whole_steps and step is not None:
-            progress = step / total
-        p = min(max(float(progress), 0.0), 1.0)
-        if self.consistency_schedule == "cosine":
-            r = self.cosine_final_ratio
-            lam["consistency"] *= r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p))
-        elif self.consistency_schedule == "adaptive":
-            lam["consistency"] = self.adaptive_consistency_bounds[1]
-        if self.regularizer_schedule != "constant":
-            if whole:
-                f = self._warmup_factor_steps(int(step), total)
-            else:
-                f = self._warmup_factor(p)
-            lam["diversity"] *= f
-            lam["svd"] *= f
-        return lam
-
-    def _warmup_factor(self, p: float) -> float:
-        """λ2/λ3 factor at progress ``p`` in [0, 1], boundaries at exact fractions of training."""
-        start = self.warmup_start
-        if self.regularizer_schedule != "warmup":  # linear_warmup / quadratic_warmup over [0, start)
-            f = p / start if p < start else 1.0
-            return f * f if self.regularizer_schedule == "quadratic_warmup" else f
-        if p < start:
-            return 0.0
-        if self.warmup_ramp == 0 or p >= start + self.warmup_ramp:
-            return 1.0
-        return (p - start) / self.warmup_ramp
-
-    def _warmup_factor_steps(self, s: int, total: int) -> float:
-        """λ2/λ3 factor at global step ``s`` of ``total``, boundaries rounded down to whole steps (the authors')."""
-        w = int(self.warmup_start * total)
-        if self.regularizer_schedule != "warmup":
-            f = s / w if s < w else 1.0
-            return f * f if self.regularizer_schedule == "quadratic_warmup" else f
-        r = max(int(self.warmup_ramp * total), 1)
-        if s < w:
-            return 0.0
-        if s < w + r:
-            return (s - w) / r
-        return 1.0
+        """The three weights at ``progress`` = global_step / max_steps in [0, 1], or at ``step`` of
+        ``total_steps`` with ``schedule_whole_steps``: :meth:`LambdaSchedule.at` (docs/method.md §3.1 schedules)."""
+        return self.schedule.at(progress, step=step, total_steps=total_steps)
 
     def check_num_classes(self, num_classes: int) -> bool:
         """Warn when k >= ``num_classes`` for the NLU SVD term; return False when the term is then skipped.

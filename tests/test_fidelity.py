@@ -283,7 +283,7 @@ def test_vlm_reference_is_the_pretrained_model_when_the_adapter_reaches_the_visi
         _tiny_llava(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="pissa")
     )
     obj = BALoRAObjective(_cfg()).prepare(model)
-    assert obj._backbone_path == replayed
+    assert obj.backbone_path == replayed
     perturb(model)
     model(input_ids=ids, pixel_values=pixels, labels=labels)
     torch.testing.assert_close(obj.reference_hidden(model), want, rtol=0, atol=1e-5)

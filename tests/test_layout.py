@@ -85,3 +85,20 @@ def test_the_tools_use_only_public_names_of_the_library(path):
             if owner not in ("self", "cls"):
                 problems.append(f"line {node.lineno}: reads the library's private attribute .{node.attr}")
     assert not problems, f"{path.relative_to(PKG)}: " + "; ".join(problems)
+
+
+def test_the_objective_never_branches_on_the_task():
+    """What differs between NLG and NLU is a strategy chosen once (core/rows.py): core/objective.py reads no
+    ``.task`` and threads no ``by_items`` flag."""
+    tree = ast.parse((PKG / "core" / "objective.py").read_text(encoding="utf-8"))
+    reads = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "task"]
+    flags = [
+        n.lineno
+        for n in ast.walk(tree)
+        if (isinstance(n, ast.Name) and n.id == "by_items")
+        or (isinstance(n, ast.arg | ast.keyword) and n.arg == "by_items")
+    ]
+    assert not reads and not flags, (
+        f"core/objective.py reads .task on lines {reads} and by_items on lines {flags}; put what differs "
+        "between the tasks in core/rows.py"
+    )

@@ -518,8 +518,9 @@ class ReferenceStore:
 class PrecomputedReference:
     """The reference source of a ``reference='precomputed'`` run: the stored top-k rows of each micro-batch.
 
-    Chosen once by :meth:`~balora_plugins.core.objective.BALoRAObjective.prepare`; the objective asks it for the
-    rows of the valid positions (:meth:`rows`) where an online source runs the reference forward.
+    Chosen once at :meth:`~balora_plugins.core.objective.BALoRAObjective.prepare` by the NLG rows strategy
+    (:class:`~balora_plugins.core.rows.TokenRows`), which asks it for the rows of the valid positions (:meth:`rows`)
+    where an online source runs the reference forward.
     """
 
     def __init__(self, path: str | os.PathLike, temperature: float):
