@@ -83,6 +83,18 @@ def test_every_string_field_is_a_choice_with_its_allowed_values():
             assert getattr(BALoRAConfig(**{name: value, "shift_labels": True, **task}, **path), name) == value
 
 
+def test_every_field_names_its_tasks_and_a_one_task_field_is_refused_off_its_task():
+    """metadata["tasks"] (which doors offer a field, balora_plugins/arguments.py) names real tasks, and an NLU-only
+    field can only hold its default on a causal LM — so the NLG-only doors lose nothing by not offering it."""
+    tasks = {f.name: f.metadata["tasks"] for f in dataclasses.fields(BALoRAConfig)}
+    assert all(t and set(t) <= set(TASKS) for t in tasks.values())
+    assert {n for n, t in tasks.items() if t == ("nlu",)} == {"reference_cache", "reference_head"}
+    for name, value in (("reference_cache", True), ("reference_head", "current")):
+        assert getattr(BALoRAConfig(task="nlu", **{name: value}), name) == value
+        with pytest.raises(ValueError, match=f"{name}=.*applies to task='nlu' only"):
+            BALoRAConfig(task="nlg", **{name: value})
+
+
 def test_incompatible_combinations():
     with pytest.raises(ValueError, match=r"warmup_start \+ warmup_ramp"):
         BALoRAConfig(warmup_start=0.9, warmup_ramp=0.2)
