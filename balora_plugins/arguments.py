@@ -22,6 +22,7 @@ adapter, not to the regularizers: the callback receives an adapter already initi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any, Literal, get_type_hints
@@ -101,10 +102,9 @@ ANY_TASK = Door("BALoRAArguments", TASKS, "causal LMs and classifiers", default_
 """Scripts with the callback (``integrations/transformers/train_nlg.py``, ``train_nlu.py``): every setting."""
 TRL = Door("TRL's SFTTrainer", ("nlg",), "causal LMs")
 """``BALoRASFTConfig``: causal LMs."""
-AXOLOTL = Door(
-    "axolotl", ("nlg",), "causal LMs", refused={"reference": ("model",)}
-)  # no second model can be handed over
-"""The axolotl plugin's YAML keys and ``TrainingArguments``: causal LMs."""
+AXOLOTL = Door("axolotl", ("nlg",), "causal LMs", refused={"reference": ("model",)})
+"""The axolotl plugin's YAML keys and ``TrainingArguments``: causal LMs, without ``reference: model`` (axolotl
+cannot hand a second model over)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +140,7 @@ def offered(f: dataclasses.Field, door: Door) -> bool:
     return f.name not in FIXED_BY_PRESET and bool(set(f.metadata["tasks"]) & set(door.tasks))
 
 
+@functools.cache
 def settings(door: Door) -> tuple[Setting, ...]:
     """The ``balora_*`` settings ``door`` offers, in ``BALoRAConfig`` field order (``balora_preset`` aside)."""
     hints = get_type_hints(BALoRAConfig)
