@@ -48,8 +48,9 @@ def default_preset(task: str, formulation: str) -> str:
     return f"{formulation}-{task}"
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, tasks: tuple[str, ...] = TASKS, **kw: Any) -> Any:
+    """A field with its help text and the tasks it applies to (both in ``metadata``, see :class:`BALoRAConfig`)."""
+    return field(metadata={"help": text, "tasks": tasks}, **kw)
 
 
 @dataclass
@@ -61,6 +62,12 @@ class BALoRAConfig:
     SVD norm and the schedules you do not set take the values of the preset matching ``task`` and
     ``formulation`` (``BALoRAConfig(task="nlu")`` is the ``iclr2026-nlu`` preset, ``BALoRAConfig()`` the
     ``iclr2026-nlg`` one, schedules included).
+
+    Every field's ``metadata`` holds ``help`` (its help text, the PEFT/TRL convention) and ``tasks``: the tasks it
+    applies to (``("nlg", "nlu")``, or one of them for a setting that only one task reads, such as the NLU-only
+    ``reference_cache``). The argument generator (``balora_plugins/arguments.py``) offers a field as a
+    ``balora_*`` setting only on the doors that can train one of its tasks: the TRL and axolotl doors (causal
+    LMs) do not offer the NLU-only fields.
     """
 
     task: str = _help(
@@ -84,6 +91,7 @@ class BALoRAConfig:
     diversity_top_k: int = _help(
         "K, the entropy (NLG) uses the K largest logits of each position, renormalised; 0 = full vocabulary."
         + _PRESET_DEFAULT,
+        tasks=("nlg",),
         default=None,
     )
     temperature: float = _help(
@@ -143,14 +151,17 @@ class BALoRAConfig:
     )
     reference_path: str | None = _help(
         "With reference='precomputed': the folder `balora reference` wrote (manifest.json + shards).",
+        tasks=("nlg",),
         default=None,
     )
     chunk_size: int = _help(
         "Token positions per chunk in the fused NLG path; peak extra memory ≈ chunk_size × |V| × 4 bytes × a few.",
+        tasks=("nlg",),
         default=256,
     )
     shift_labels: bool = _help(
         "Use the position whose *next* token is labelled (correct). False reproduces the authors' unshifted mask.",
+        tasks=("nlg",),
         default=True,
     )
     on_nonfinite: str = _help(
@@ -163,6 +174,7 @@ class BALoRAConfig:
         "NLU only: keep each example's reference logits (D numbers, keyed by the example's tokens) and skip the "
         "reference forward for examples seen before — exact, the reference never changes; costs about 4·D + 150 "
         "bytes of CPU memory per distinct example.",
+        tasks=("nlu",),
         default=False,
     )
     served_base: str | None = _help(
@@ -192,6 +204,7 @@ class BALoRAConfig:
         "class bias), not towards pre-trained knowledge. `current`: the pre-trained backbone's features read "
         "through the head being trained, no gradient through the reference path, so the term anchors the "
         "representation (docs/method.md, Classifiers with a new head).",
+        tasks=("nlu",),
         default="initial",
     )
 

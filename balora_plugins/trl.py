@@ -28,15 +28,8 @@ from typing import Any
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
-from .arguments import (
-    DEFAULT_PRESET,
-    INIT_FIELD,
-    PAPER_INIT,
-    BALoRAFields,
-    add_balora_fields,
-    balora_field_names,
-)
-from .config import PRESETS, BALoRAConfig
+from .arguments import INIT_FIELD, PAPER_INIT, PRESET_KEY, TRL, BALoRAFields, add_balora_fields, settings
+from .config import BALoRAConfig, default_preset
 from .core.card import PAPER, nearest_preset
 from .core.model import validate_model
 from .core.quantized import get_qpissa_model, wants_qpissa
@@ -44,9 +37,6 @@ from .core.reference import is_peft_model, lora_init, resolve_mode, unwrap
 from .trainer_mixin import BALoRATrainerMixin, refuse_overwriting_checkpoints
 
 __all__ = ["BALoRASFTConfig", "BALoRASFTTrainer", "sft_train_dataset"]
-
-NLG_PRESETS = tuple(name for name, values in PRESETS.items() if values["task"] == "nlg")
-
 
 # The command line's refusal to start over in an output_dir holding an earlier run's checkpoints.
 ARGS_HINTS = dict(
@@ -64,17 +54,19 @@ PLAIN_INIT_WARNING = (
 
 
 # ---------------------------------------------------------------------------------------------- the config
-@add_balora_fields(presets=NLG_PRESETS, adapter_init=True)
+@add_balora_fields(door=TRL, adapter_init=True)
 class BALoRASFTConfig(BALoRAFields, SFTConfig):
-    """``trl.SFTConfig`` plus every BA-LoRA setting as a ``balora_*`` field (``balora_lambda_svd``, ...).
+    """``trl.SFTConfig`` plus every BA-LoRA setting of a causal LM as a ``balora_*`` field (``balora_lambda_svd``,
+    ...; the NLU-only ``reference_cache`` and ``reference_head`` are not offered).
 
     ``balora_preset`` (default ``"iclr2026-nlg"``) picks the preset that the other ``balora_*`` fields override,
     as in the axolotl YAML; the fields are generated from ``BALoRAConfig`` (:mod:`balora_plugins.arguments`). The
-    settings are validated here, with the field names in the errors; afterwards every ``balora_*`` field holds
-    the value that trains, so trackers record the effective settings. :meth:`to_balora_config` returns them as a
-    :class:`~balora_plugins.BALoRAConfig`. ``balora_init`` (e.g. ``pissa_niter_16``, the paper's) sets the
-    initialisation of the adapter the trainer builds from ``peft_config`` — the one thing TRL's
-    ``get_peft_config(ModelConfig)`` cannot say.
+    fields are the single source of the settings: they keep what the user set (None: the preset's value), are
+    validated here with the field names in the errors, and :meth:`to_balora_config` computes the
+    :class:`~balora_plugins.BALoRAConfig` that trains from them. :meth:`to_dict` — what the ``report_to``
+    trackers log — reports that configuration's values (and the preset), so trackers record the settings that
+    train. ``balora_init`` (e.g. ``pissa_niter_16``, the paper's) sets the initialisation of the adapter the
+    trainer builds from ``peft_config`` — the one thing TRL's ``get_peft_config(ModelConfig)`` cannot say.
 
     An ``output_dir`` holding BA-LoRA checkpoints of an earlier run is refused here, before any model or data
     loads, unless ``resume_from_checkpoint`` (``--resume_from_checkpoint``, which TRL's scripts hand to
@@ -83,12 +75,15 @@ class BALoRASFTConfig(BALoRAFields, SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # What the user set (before the fields are filled in): only these can disagree with balora_config=.
-        self._balora_explicit = tuple(k for k in balora_field_names() if getattr(self, k) is not None)
-        self.set_balora_fields(self.to_balora_config(), preset=self.balora_preset or DEFAULT_PRESET)
-        self.adapter_init()  # a bad balora_init fails here, naming the field
-        if not self.resume_from_checkpoint and not self.balora_overwrite_output_dir:
+        config = self.to_balora_config()  # bad settings fail here, naming the balora_* field
+        self.adapter_init()  # as does a bad balora_init
+        if not self.resume_from_checkpoint and not config.overwrite_output_dir:
             refuse_overwriting_checkpoints(self.output_dir, **ARGS_HINTS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``SFTConfig.to_dict`` (what ``report_to`` trackers log) with every ``balora_*`` field at the value that
+        trains — an unset one at its preset's — and ``balora_preset`` the preset they override."""
+        return {**super().to_dict(), **self.effective_settings()}
 
 
 def with_adapter_init(model: Any, peft_config: Any, args: Any) -> Any:
@@ -130,23 +125,30 @@ def with_adapter_init(model: Any, peft_config: Any, args: Any) -> Any:
     return dataclasses.replace(peft_config, init_lora_weights=init)
 
 
-def resolve_balora_config(balora_config: BALoRAConfig | str | dict | None, args: Any) -> BALoRAConfig:
-    """The one BA-LoRA configuration of a trainer given ``balora_config=`` and its training ``args``.
+def resolve_balora_config(
+    balora_config: BALoRAConfig | str | dict | None, args: Any
+) -> tuple[BALoRAConfig, Any]:
+    """The one BA-LoRA configuration of a trainer given ``balora_config=`` and its training ``args``, and the
+    training arguments the trainer keeps (``args`` itself, or a copy that describes ``balora_config``).
 
-    Plain ``SFTConfig`` args: ``balora_config`` (None = the default preset). :class:`BALoRASFTConfig` args: their
-    ``balora_*`` fields; with ``balora_config=`` as well, the two must agree on every field the user set in the
-    args (else a ``ValueError`` names both values), and args that set none are filled in from ``balora_config``,
-    so the recorded arguments always show the settings that train.
+    Plain ``SFTConfig`` args: ``balora_config`` (None = the default preset). :class:`BALoRASFTConfig` args are the
+    source of the settings: their ``balora_*`` fields. With ``balora_config=`` as well, the two must agree on every
+    setting when the args set any ``balora_*`` field (else a ``ValueError`` names both values); args that set none
+    are not changed but copied with ``balora_config``'s values in their fields (and its base preset), so the
+    trainer's arguments — what trackers record — describe the settings that train.
     """
     if not isinstance(args, BALoRASFTConfig):
-        return BALoRAConfig.coerce(balora_config)
-    from_args = args.to_balora_config()
+        return BALoRAConfig.coerce(balora_config), args
     if balora_config is None:
-        return from_args
+        return args.to_balora_config(), args
     given = BALoRAConfig.coerce(balora_config)
-    if not args._balora_explicit:
-        args.set_balora_fields(given, preset=None)  # None: the fields, not a preset, describe the settings
-        return given
+    chosen = args.explicit_settings()
+    if not chosen:
+        fields = {s.key: getattr(given, s.name) for s in settings(TRL)}
+        return given, dataclasses.replace(
+            args, **{PRESET_KEY: default_preset(given.task, given.formulation)}, **fields
+        )
+    from_args = args.to_balora_config()
     differ = [
         f.name
         for f in dataclasses.fields(BALoRAConfig)
@@ -155,15 +157,15 @@ def resolve_balora_config(balora_config: BALoRAConfig | str | dict | None, args:
     if differ:
         pairs = "; ".join(
             f"balora_config.{n}={getattr(given, n)!r} but args.balora_{n}={getattr(from_args, n)!r}"
-            + ("" if f"balora_{n}" in args._balora_explicit else " (from the preset)")
+            + ("" if f"balora_{n}" in chosen else " (from the preset)")
             for n in differ
         )
         raise ValueError(
             f"BALoRASFTTrainer got BA-LoRA settings twice and they disagree: {pairs}. Set them in one place: "
-            f"drop balora_config= (the args set {list(args._balora_explicit)}) or use a plain SFTConfig / leave the "
+            f"drop balora_config= (the args set {list(chosen)}) or use a plain SFTConfig / leave the "
             "balora_* fields unset."
         )
-    return given
+    return from_args, args
 
 
 def sft_train_dataset(model: nn.Module, dataset: Any, args: SFTConfig, processing_class: Any) -> Any:
@@ -231,7 +233,11 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
             extra_plugins = kwargs.pop("balora_plugins")
         # A bad config or model fails here, before TRL prepares the data or runs PiSSA's SVD.
         training_args = kwargs.get("args", args[0] if args else None)
-        config = resolve_balora_config(balora_config, training_args)
+        config, training_args = resolve_balora_config(balora_config, training_args)
+        if "args" in kwargs or not args:
+            kwargs["args"] = training_args
+        else:
+            args = (training_args, *args[1:])
         kwargs["peft_config"] = with_adapter_init(model, kwargs.get("peft_config"), training_args)
         model = _qpissa_before_wrap(model, training_args, kwargs)
         if isinstance(model, nn.Module):

@@ -72,7 +72,11 @@ def load_yaml(name: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- keys
 def test_every_config_field_is_a_yaml_key_with_its_help_and_readme_row():
-    expected = {f"balora_{f.name}" for f in BALoRAConfig.__dataclass_fields__.values()} - {"balora_task"}
+    nlu_only = {"balora_reference_cache", "balora_reference_head"}  # axolotl trains causal LMs
+    expected = {f"balora_{f.name}" for f in BALoRAConfig.__dataclass_fields__.values()} - {
+        "balora_task",
+        *nlu_only,
+    }
     assert set(balora_keys()) == expected
     from balora_plugins.axolotl.args import BALoRAArgs
 
@@ -83,6 +87,23 @@ def test_every_config_field_is_a_yaml_key_with_its_help_and_readme_row():
     rows = dict(re.findall(r"^\| `(balora_\w+)` \| `([^`]*)` \|", readme, flags=re.M))
     assert rows.pop("balora_preset") == "iclr2026-nlg"
     assert rows == {k: str(getattr(preset, f.name)) for k, f in balora_keys().items()}
+
+
+def test_nlu_only_settings_are_neither_keys_nor_training_arguments():
+    """balora_reference_cache / balora_reference_head can only be false / initial on a causal LM: axolotl offers
+    neither as a YAML key nor as a field of its TrainingArguments, and refuses them naming why."""
+    import dataclasses
+
+    from balora_plugins.axolotl.args import BALoRAArgs
+
+    mixin = {f.name for f in dataclasses.fields(BALoRATrainingArgsMixin)}
+    for key in ("balora_reference_cache", "balora_reference_head"):
+        assert key not in BALoRAArgs.model_fields and key not in mixin
+        with pytest.raises(
+            ValueError, match=rf"{key} applies to task nlu only, and axolotl trains causal LMs"
+        ):
+            validate(**{key: False})
+    assert "balora_reference" in BALoRAArgs.model_fields and "balora_reference" in mixin
 
 
 def test_keys_map_onto_balora_config_and_unset_keys_take_the_preset():

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from balora_plugins import PRESETS, BALoRAConfig
 from balora_plugins.config import CONFIG_NAME, FIELD_CHOICES, FORMULATIONS, TASKS
 
-CHOICES = FIELD_CHOICES
 LAMBDAS = ("lambda_consistency", "lambda_diversity", "lambda_svd")
 FRACTIONS = ("cosine_final_ratio", "warmup_start", "warmup_ramp")
 
@@ -73,14 +72,31 @@ def test_choice_errors_list_allowed_values():
 def test_every_string_field_is_a_choice_with_its_allowed_values():
     """FIELD_CHOICES (what the argument parsers list) covers every str field, with the values docs/method.md names."""
     hints = typing.get_type_hints(BALoRAConfig)
-    assert set(CHOICES) == {f.name for f in dataclasses.fields(BALoRAConfig) if hints[f.name] is str}
-    assert CHOICES["consistency_schedule"] == ("constant", "cosine", "adaptive")
-    assert CHOICES["regularizer_schedule"] == ("constant", "warmup", "linear_warmup", "quadratic_warmup")
-    for name, allowed in CHOICES.items():
+    assert set(FIELD_CHOICES) == {f.name for f in dataclasses.fields(BALoRAConfig) if hints[f.name] is str}
+    assert FIELD_CHOICES["consistency_schedule"] == ("constant", "cosine", "adaptive")
+    assert FIELD_CHOICES["regularizer_schedule"] == (
+        "constant",
+        "warmup",
+        "linear_warmup",
+        "quadratic_warmup",
+    )
+    for name, allowed in FIELD_CHOICES.items():
         for value in allowed:
             task = {"task": "nlu"} if name == "reference_head" else {}  # an NLU-only choice
             path = {"reference_path": "ref/"} if value == "precomputed" else {}  # its store's folder
             assert getattr(BALoRAConfig(**{name: value, "shift_labels": True, **task}, **path), name) == value
+
+
+def test_every_field_names_its_tasks_and_a_one_task_field_is_refused_off_its_task():
+    """metadata["tasks"] (which doors offer a field, balora_plugins/arguments.py) names real tasks, and an NLU-only
+    field can only hold its default on a causal LM — so the NLG-only doors lose nothing by not offering it."""
+    tasks = {f.name: f.metadata["tasks"] for f in dataclasses.fields(BALoRAConfig)}
+    assert all(t and set(t) <= set(TASKS) for t in tasks.values())
+    assert {n for n, t in tasks.items() if t == ("nlu",)} == {"reference_cache", "reference_head"}
+    for name, value in (("reference_cache", True), ("reference_head", "current")):
+        assert getattr(BALoRAConfig(task="nlu", **{name: value}), name) == value
+        with pytest.raises(ValueError, match=f"{name}=.*applies to task='nlu' only"):
+            BALoRAConfig(task="nlg", **{name: value})
 
 
 def test_incompatible_combinations():
@@ -240,7 +256,7 @@ _text = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, m
 def _invalid_values():
     cases = [
         st.tuples(st.just(name), _text.filter(lambda s, a=allowed: s not in a))
-        for name, allowed in CHOICES.items()
+        for name, allowed in FIELD_CHOICES.items()
     ]
     neg = st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False)
     nonfinite = st.sampled_from([float("nan"), float("inf"), float("-inf")])
@@ -272,7 +288,7 @@ def test_property_invalid_values_raise_naming_the_field(case):
 
 @st.composite
 def _valid_configs(draw):
-    kw = {name: draw(st.sampled_from(allowed)) for name, allowed in CHOICES.items()}
+    kw = {name: draw(st.sampled_from(allowed)) for name, allowed in FIELD_CHOICES.items()}
     frac = st.floats(min_value=0.0, max_value=1.0)
     for name in LAMBDAS:
         kw[name] = draw(st.floats(min_value=0.0, max_value=10.0))

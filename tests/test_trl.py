@@ -462,7 +462,10 @@ def test_trl_parser_reads_balora_keys_from_yaml_and_the_command_line(tmp_path):
         warmup_start=0.3,
     )
     assert args.to_balora_config() == expected
-    assert args.to_dict()["balora_lambda_diversity"] == 3e-4  # unset keys hold the preset's value, recorded
+    # an unset key stays unset in the arguments (None: the preset's value), and the trackers, which log
+    # args.to_dict(), record the value that trains
+    assert args.balora_lambda_diversity is None and args.to_dict()["balora_lambda_diversity"] == 3e-4
+    assert args.to_dict()["balora_preset"] == "v5-nlg" and args.to_dict()["balora_lambda_svd"] == 1e-3
     (bad,) = [a for a in parser._actions if a.dest == "balora_regularizer_schedule"]
     assert "linear_warmup" in bad.choices and bad.help.startswith("BA-LoRA: ")
     with pytest.raises(ValueError, match=r"balora_warmup_ramp=1\.5"):
@@ -486,11 +489,51 @@ def test_balora_config_and_args_never_disagree_silently(tmp_path):
         **common,
     )
     assert agreeing.balora.config.lambda_svd == 0.01
-    # args that set nothing take balora_config= and then record it
+    # args that set nothing take balora_config=: the user's args stay as they are, and the trainer's arguments
+    # (what trackers record) describe the settings that train
     quiet = balora_sft_args(tmp_path / "b")
     v5 = BALoRASFTTrainer(tiny_llama(), args=quiet, balora_config="v5-nlg", **common)
     assert v5.balora.config == BALoRAConfig.from_preset("v5-nlg")
-    assert quiet.balora_svd_top_k == 3 and quiet.to_balora_config() == v5.balora.config
+    assert quiet.balora_svd_top_k is None and quiet.to_balora_config() == BALoRAConfig.from_preset(
+        "iclr2026-nlg"
+    )
+    assert v5.args.to_balora_config() == v5.balora.config and v5.args.to_dict()["balora_svd_top_k"] == 3
+
+
+def test_nlu_only_settings_are_offered_only_where_a_classifier_can_train(tmp_path):
+    """balora_reference_cache and balora_reference_head (NLU only) are arguments of the generic BALoRAArguments
+    (train_nlu.py, the callback), which trains classifiers, but not of BALoRASFTConfig: TRL trains causal LMs."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+    from trl import TrlParser
+
+    from balora_plugins.arguments import BALoRAArguments
+
+    nlu_only = {"balora_reference_cache", "balora_reference_head"}
+    generic = {f.name for f in dataclasses.fields(BALoRAArguments)}
+    trl = {f.name for f in dataclasses.fields(BALoRASFTConfig)}
+    assert nlu_only <= generic and not nlu_only & trl
+    assert generic - nlu_only <= trl  # every other setting is on both doors
+    (nlu,) = HfArgumentParser(BALoRAArguments).parse_args_into_dataclasses(
+        ["--balora_preset", "iclr2026-nlu", "--balora_reference_cache", "true"]
+    )
+    assert nlu.to_balora_config() == BALoRAConfig.from_preset("iclr2026-nlu", reference_cache=True)
+    args = balora_sft_args(tmp_path)
+    assert not nlu_only & set(args.to_dict())  # nor do trackers record a setting that can only be false
+    with pytest.raises(ValueError, match="balora_reference_cache"):
+        TrlParser([BALoRASFTConfig]).parse_args_and_config(
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--use_cpu",
+                "true",
+                "--bf16",
+                "false",
+                "--balora_reference_cache",
+                "true",
+            ]
+        )
 
 
 def test_metrics_go_to_trls_store(tmp_path):

@@ -1,52 +1,42 @@
 """The BA-LoRA plugin's YAML keys: a pydantic model axolotl merges into its config schema.
 
-Every :class:`~balora_plugins.config.BALoRAConfig` field ``x`` (except ``task``: axolotl trains causal LMs) is
-the key ``balora_x``, with the field's type, help text and allowed values; ``balora_preset`` picks the preset
-the other keys override. An unset key takes the preset's value. The after-validator builds the
-``BALoRAConfig`` (so its own validation runs at config time, with the YAML key in the message); one
-before-validator per rule refuses an axolotl setting BA-LoRA cannot train correctly. The same keys reach the
-trainer as fields of :data:`BALoRATrainingArgsMixin`, which axolotl mixes into its ``TrainingArguments``.
+The keys come from the shared generator (``balora_plugins/arguments.py``, door :data:`~balora_plugins.arguments.
+AXOLOTL`): every :class:`~balora_plugins.config.BALoRAConfig` field ``x`` a causal LM reads is the key
+``balora_x``, with the field's type, help text and allowed values (``balora_reference: model`` aside: axolotl
+cannot hand over a second model); ``balora_preset`` picks the preset the other keys override. An unset key takes
+the preset's value. This module adds axolotl's glue: the pydantic types, the after-validator that builds the
+``BALoRAConfig`` (so its own validation runs at config time, with the YAML key in the message), and one
+before-validator per rule refusing an axolotl setting BA-LoRA cannot train correctly. The same keys reach the
+trainer as fields of :data:`BALoRATrainingArgsMixin` (same generator), which axolotl mixes into its
+``TrainingArguments``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, create_model, model_validator
 
-from ..config import (
-    CONSISTENCY_SCHEDULES,
-    FORMULATIONS,
-    ON_NONFINITE,
-    PRESETS,
-    REFERENCES,
-    REGULARIZER_SCHEDULES,
-    SVD_NORMS,
-    BALoRAConfig,
+from ..arguments import (
+    AXOLOTL,
+    PREFIX,
+    PRESET_KEY,
+    Setting,
+    balora_dataclass,
+    balora_field_names,
+    config_from_settings,
+    not_offered,
+    settings,
 )
+from ..config import BALoRAConfig
 from ..core.distributed import config_zero_stage
 from ..core.reference import init_is_approximate, init_rewrites_base
 from ..trainer_mixin import refuse_overwriting_checkpoints
 from . import compat
 
 PLUGIN = "balora_plugins.axolotl.BALoRAPlugin"
-PREFIX = "balora_"
-DEFAULT_PRESET = "iclr2026-nlg"
-NLG_PRESETS = tuple(name for name, values in PRESETS.items() if values["task"] == "nlg")
-PRESET_HELP = f"BA-LoRA preset the other balora_* keys override (default {DEFAULT_PRESET!r})."
-EXCLUDED = ("task",)  # axolotl trains causal LMs: always "nlg"
-CHOICES: dict[str, tuple[str, ...]] = {
-    "formulation": FORMULATIONS,
-    "svd_norm": SVD_NORMS,
-    "consistency_schedule": CONSISTENCY_SCHEDULES,
-    "regularizer_schedule": REGULARIZER_SCHEDULES,
-    "reference": tuple(r for r in REFERENCES if r != "model"),  # axolotl cannot hand over a second model
-    "on_nonfinite": ON_NONFINITE,
-}
 ADAPTERS = ("lora", "qlora")
 KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 UNVERIFIED_KERNELS = ("lora_mlp_kernel", "lora_embedding_kernel")
@@ -64,31 +54,20 @@ def _not_bool(value: Any) -> Any:
     return value  # numbers, and numeric strings such as YAML's `1e-4` (PyYAML reads it as a string)
 
 
-def _field_type(name: str, hint: Any) -> Any:
-    if name in CHOICES:
-        return Literal[CHOICES[name]]
-    if hint in (int, float, float | None):  # float | None: the adaptive λ1 bounds
-        return Annotated[hint, BeforeValidator(_not_bool)]
-    return hint
+def _key_type(setting: Setting) -> Any:
+    """The pydantic type of a setting: its parser type, refusing booleans where a number is due."""
+    kind = setting.annotation
+    return Annotated[kind, BeforeValidator(_not_bool)] if setting.numeric else kind
 
 
-def balora_keys() -> dict[str, dataclasses.Field]:
-    """YAML key -> the BALoRAConfig field it sets (``balora_preset`` excluded)."""
-    return {PREFIX + f.name: f for f in dataclasses.fields(BALoRAConfig) if f.name not in EXCLUDED}
+def balora_keys() -> dict[str, Any]:
+    """YAML key -> the BALoRAConfig field (a ``dataclasses.Field``) it sets (``balora_preset`` excluded)."""
+    return {s.key: s.field for s in settings(AXOLOTL)}
 
 
 def balora_config_from_cfg(cfg: Mapping[str, Any]) -> BALoRAConfig:
     """The BALoRAConfig an axolotl config (validated or raw) describes; errors name the YAML key."""
-    preset = cfg.get("balora_preset") or DEFAULT_PRESET
-    if preset not in NLG_PRESETS:
-        raise ValueError(
-            f"balora_preset={preset!r} is not allowed; axolotl trains causal LMs, choose one of {list(NLG_PRESETS)}."
-        )
-    overrides = {f.name: cfg[key] for key, f in balora_keys().items() if cfg.get(key) is not None}
-    try:
-        return BALoRAConfig.from_preset(preset, **overrides)
-    except ValueError as exc:  # BALoRAConfig names its fields; the user wrote YAML keys
-        raise ValueError(re.sub(r"BALoRAConfig\.(\w+)", PREFIX + r"\1", str(exc))) from None
+    return config_from_settings(cfg, AXOLOTL)
 
 
 def plugin_listed(cfg: Mapping[str, Any]) -> bool:
@@ -112,8 +91,11 @@ def _rule(check):
 
 def unknown_keys(data: Mapping[str, Any]) -> None:
     """A ``balora_*`` key that is not one of the plugin's (a typo) would be dropped by axolotl without a word."""
-    known = set(balora_keys()) | {"balora_preset"}
+    known = set(balora_field_names(AXOLOTL))
     unknown = sorted(k for k in data if isinstance(k, str) and k.startswith(PREFIX) and k not in known)
+    elsewhere = {k: not_offered(k, AXOLOTL) for k in unknown}
+    if any(elsewhere.values()):
+        raise ValueError("; ".join(why for why in elsewhere.values() if why) + ": remove the key.")
     if unknown:
         hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
         raise ValueError(
@@ -256,11 +238,6 @@ def supported_release(data: Mapping[str, Any]) -> None:
 
 
 class _BALoRAArgsBase(BaseModel):
-    balora_preset: Literal[NLG_PRESETS] | None = Field(
-        default=None,
-        description=PRESET_HELP,
-    )
-
     # One before-validator per rule (each names the key, the value and the fix).
     _balora_unknown_keys = _rule(unknown_keys)
     _balora_supervised_only = _rule(supervised_only)
@@ -274,35 +251,30 @@ class _BALoRAArgsBase(BaseModel):
 
     @model_validator(mode="after")
     def _balora_check_config(self) -> Any:
-        balora_config_from_cfg({k: getattr(self, k, None) for k in (*balora_keys(), "balora_preset")})
+        balora_config_from_cfg({k: getattr(self, k, None) for k in TRAINING_ARGS})
         return self
 
 
-_HINTS = get_type_hints(BALoRAConfig)
+# The YAML keys: one per setting the shared generator (balora_plugins/arguments.py) gives axolotl's door.
+TRAINING_ARGS = balora_field_names(AXOLOTL)
 BALoRAArgs = create_model(
     "BALoRAArgs",
     __base__=_BALoRAArgsBase,
     __module__=__name__,
-    __doc__="Input args for BA-LoRA (one key per BALoRAConfig field, prefixed `balora_`).",
-    **{
-        key: (_field_type(f.name, _HINTS[f.name]) | None, Field(default=None, description=f.metadata["help"]))
-        for key, f in balora_keys().items()
-    },
+    __doc__="Input args for BA-LoRA (one key per BALoRAConfig field axolotl can train, prefixed `balora_`).",
+    **{PRESET_KEY: (Literal[AXOLOTL.presets] | None, Field(default=None, description=AXOLOTL.preset_help))},
+    **{s.key: (_key_type(s) | None, Field(default=None, description=s.help)) for s in settings(AXOLOTL)},
 )
 
 # The trainer's side of the same keys, axolotl's idiom for a plugin's trainer settings (as its KD plugin's
 # KDTrainingArgsMixin): `get_training_args_mixin` names this dataclass, axolotl mixes it into
 # `AxolotlTrainingArguments`, `get_training_args` copies the validated YAML values into it, and the trainer
-# builds its BALoRAConfig from `self.args`. One field per YAML key, generated from BALoRAConfig like the keys.
-TRAINING_ARGS = ("balora_preset", *balora_keys())
-BALoRATrainingArgsMixin = dataclasses.make_dataclass(
+# builds its BALoRAConfig from `self.args`. The same generator, the same fields as the keys.
+BALoRATrainingArgsMixin = balora_dataclass(
     "BALoRATrainingArgsMixin",
-    [("balora_preset", str | None, dataclasses.field(default=None, metadata={"help": PRESET_HELP}))]
-    + [
-        (key, _HINTS[f.name] | None, dataclasses.field(default=None, metadata={"help": f.metadata["help"]}))
-        for key, f in balora_keys().items()
-    ],
-    namespace={"__module__": __name__, "__doc__": "The balora_* settings on axolotl's TrainingArguments."},
+    AXOLOTL,
+    module=__name__,
+    doc="The balora_* settings on axolotl's TrainingArguments.",
 )
 
 
