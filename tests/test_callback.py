@@ -214,7 +214,7 @@ def test_loss_is_host_loss_plus_regularizer(task, host, tmp_path):
     n = int((batch["labels"][:, 1:] != -100).sum()) if task == "nlg" else len(batch["labels"])
     items = torch.tensor(n)
 
-    host_loss = cb._host_cls.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+    host_loss = cb.host_class.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
     fwd = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
