@@ -348,7 +348,7 @@ def test_micro_batch_without_valid_rows_is_skipped():
         loss, metrics = obj.compute(model, inputs)
     assert float(loss) == 0.0 and torch.isfinite(loss)
     assert metrics["balora/skipped_no_valid_rows"] == 1.0
-    assert obj._captured is None  # nothing stale for the next micro-batch
+    assert obj.captured_hidden is None  # nothing stale for the next micro-batch
 
 
 def test_micro_batch_without_valid_rows_does_not_raise_under_on_nonfinite_raise():
