@@ -249,7 +249,7 @@ def test_a_broken_install_stops_axolotl_instead_of_training_without_balora(monke
     manager.register("balora_plugins_not_installed.Plugin")  # axolotl's own behaviour: log and carry on
     assert "balora_plugins_not_installed.Plugin" not in manager.plugins
     monkeypatch.delitem(sys.modules, "balora_plugins.axolotl")
-    monkeypatch.setitem(sys.modules, "balora_plugins.core.reference", None)  # -> ImportError on import
+    monkeypatch.setitem(sys.modules, "balora_plugins.engines", None)  # -> ImportError on import
     monkeypatch.delitem(manager.plugins, PLUGIN)
     # as `axolotl train` registers the listed plugins (0.19: logs an ImportError; 0.21: required=True)
     with pytest.raises(RuntimeError, match="trains WITHOUT it"):
