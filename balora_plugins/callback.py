@@ -119,7 +119,9 @@ class BALoRACallback(TrainerCallback):
         try:
             trainer.balora_setup(self.config, ref_model=self.ref_model, extra_plugins=self.extra_plugins)
         except BaseException:
-            self._state = trainer.balora_release()
+            released = trainer.balora_release()
+            if self.trainer is trainer:  # attached before: keep its state for the next attach
+                self._state = released
             trainer.__class__ = host
             raise
         self._host_cls, self.trainer, self._state = host, trainer, None
