@@ -1,6 +1,10 @@
-"""`BALoRACallback`: BA-LoRA for the plain transformers ``Trainer`` and its subclasses, in one line::
+"""`BALoRACallback`: BA-LoRA for the plain transformers ``Trainer`` and its subclasses.
 
-    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[BALoRACallback("iclr2026-nlg")])
+The main path is explicit — build the Trainer, then attach the callback to it before ``train()``::
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds)
+    BALoRACallback("iclr2026-nlg").attach(trainer)
+    trainer.train()
 
 A ``TrainerCallback`` sees no inputs, outputs or loss, and editing gradients in the optimizer events would be
 wrong under DeepSpeed (the step has happened), gradient clipping and DDP (docs/method.md §3.3). So the callback takes a
@@ -12,14 +16,15 @@ checkpoints carry the reference; resume restores it. The class stays swapped aft
 ``trainer.save_model()`` writes the BA-LoRA artefacts and ``trainer.evaluate()`` reports the terms;
 :meth:`BALoRACallback.detach` gives the trainer its own class back.
 
-Getting the handle: transformers 5.16 – 5.24 offer a callback none (``CallbackHandler`` passes the model,
-processing class, optimizer, scheduler and dataloaders, never the trainer; ``set_trainer`` is called only on
-transformers' own ``JITCheckpointCallback``). ``Trainer.__init__`` fires ``on_init_end`` on the callbacks it was
-given, with the Trainer on the call stack; the callback takes the frame whose ``self`` is a ``Trainer`` holding
-this very callback. That is before ``train()`` loads a checkpoint, so resuming restores the reference from it. If a
-transformers release fires ``on_init_end`` differently and no such frame exists, the callback raises there and
-then instead of letting the Trainer train without the terms. A callback added after construction
-(``trainer.add_callback``) never sees ``on_init_end``: write ``BALoRACallback(cfg).attach(trainer)``.
+The convenience: ``Trainer(..., callbacks=[BALoRACallback("iclr2026-nlg")])`` attaches by itself.
+transformers 5.16 – 5.24 hand a callback no trainer (``CallbackHandler`` passes the model, processing class,
+optimizer, scheduler and dataloaders; ``set_trainer`` is called only on transformers' own
+``JITCheckpointCallback``), but ``Trainer.__init__`` fires ``on_init_end`` on the callbacks it was given, with
+the Trainer on the call stack: the callback takes the frame whose ``self`` is a ``Trainer`` holding this very
+callback and attaches to it. That is before ``train()`` loads a checkpoint, so resuming restores the reference
+from it. If a transformers release fires ``on_init_end`` differently and no such frame exists, the callback
+raises there and then instead of letting the Trainer train without the terms. A callback added after
+construction (``trainer.add_callback``) never sees ``on_init_end``: use ``attach``.
 
 Host losses: the mixin wraps ``Trainer.compute_loss`` whole, so a ``compute_loss_func`` or label smoothing keeps
 computing the task loss (the labels it pops are restored for BA-LoRA) and the regularizer follows the scaling
@@ -36,7 +41,7 @@ import transformers
 from transformers import Trainer, TrainerCallback
 
 from .config import BALoRAConfig
-from .trainer_mixin import BALoRATrainerMixin, mix_into
+from .trainer_mixin import BALoRATrainerMixin, BALoRATrainerState, mix_into
 
 __all__ = ["BALoRACallback"]
 
@@ -54,7 +59,11 @@ _NOT_FOUND = (
 
 
 class BALoRACallback(TrainerCallback):
-    """Adds the BA-LoRA regularizers to a ``transformers.Trainer`` (or subclass) it is given to.
+    """Adds the BA-LoRA regularizers to a ``transformers.Trainer`` (or subclass).
+
+    ``BALoRACallback(config).attach(trainer)`` puts BA-LoRA into a built trainer (the main path);
+    ``Trainer(..., callbacks=[BALoRACallback(config)])`` attaches it from the Trainer's ``on_init_end`` (the
+    convenience).
 
     Args:
         config: a :class:`~balora_plugins.BALoRAConfig`, a preset name (``"iclr2026-nlg"``, ``"iclr2026-nlu"``,
@@ -64,7 +73,7 @@ class BALoRACallback(TrainerCallback):
         extra_plugins: extra pluggy plugins contributing terms.
 
     The trainer's model must be a PEFT LoRA model. Errors about the model or the config are raised when the
-    callback attaches (inside ``Trainer(...)`` or ``attach``), before step 1.
+    callback attaches (in ``attach``, or inside ``Trainer(...)``), before step 1.
     """
 
     def __init__(
@@ -79,14 +88,20 @@ class BALoRACallback(TrainerCallback):
         self.extra_plugins = tuple(extra_plugins)
         self.trainer: Trainer | None = None
         self._host_cls: type | None = None  # the trainer's own class while the mixin is in, else None
+        self._state: BALoRATrainerState | None = None  # the trainer's BA-LoRA state while detached
+
+    @property
+    def host_class(self) -> type | None:
+        """The trainer's own class while BA-LoRA is mixed into it (attached), else None."""
+        return self._host_cls
 
     # ------------------------------------------------------------------ attaching
     def attach(self, trainer: Trainer) -> BALoRACallback:
         """Put BA-LoRA into ``trainer`` now (and register this callback with it); returns ``self``.
 
-        Needed only when the callback was not passed to the Trainer's constructor. Call it before ``train()``:
-        on resume the reference adapter is restored while the checkpoint loads, which happens inside ``train()``
-        before any callback event.
+        The main path (a callback passed to the Trainer's constructor calls it from ``on_init_end``). Call it
+        before ``train()``: on resume the reference adapter is restored while the checkpoint loads, which
+        happens inside ``train()`` before any callback event.
         """
         if self.trainer is not None and self.trainer is not trainer:
             raise ValueError(
@@ -100,13 +115,16 @@ class BALoRACallback(TrainerCallback):
                 "BALoRASFTTrainer, or another BALoRACallback attached first); use one BALoRACallback on a plain "
                 "trainer, or the BA-LoRA trainer without the callback."
             )
-        host = mix_into(trainer)
+        host = mix_into(trainer, self._state)
         try:
-            trainer._balora_setup(self.config, ref_model=self.ref_model, extra_plugins=self.extra_plugins)
+            trainer.balora_setup(self.config, ref_model=self.ref_model, extra_plugins=self.extra_plugins)
         except BaseException:
+            released = trainer.balora_release()
+            if self.trainer is trainer:  # attached before: keep its state for the next attach
+                self._state = released
             trainer.__class__ = host
             raise
-        self._host_cls, self.trainer = host, trainer
+        self._host_cls, self.trainer, self._state = host, trainer, None
         if not any(cb is self for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(self)
         return self
@@ -121,10 +139,9 @@ class BALoRACallback(TrainerCallback):
         trainer, host = self.trainer, self._host_cls
         if trainer is None or host is None:
             return
-        trainer.balora.remove_hooks()
+        # kept for the next attach: the step-0 adapter and the placed ref_model stay those of the first
+        self._state = trainer.balora_release()
         trainer.__class__ = host
-        for name in ("balora", "_balora_metrics"):
-            trainer.__dict__.pop(name, None)
         self._host_cls = None
 
     def save_model(self, output_dir: str | None = None) -> None:

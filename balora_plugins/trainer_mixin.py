@@ -4,7 +4,7 @@
 possible: ``compute_loss`` (adds the regularizer to the host's loss, scaled like it), ``log`` (merges the
 ``balora/...`` metrics into the logs every ``report_to`` backend sees), ``_save`` (writes the BA-LoRA config and
 the initial adapter beside every save), ``save_model`` (every save — the final one and each ``checkpoint-N/`` —
-becomes the artefact users serve: :meth:`~BALoRATrainerMixin._balora_write_artefacts`), ``create_model_card``
+becomes the artefact users serve: :meth:`~BALoRATrainerMixin.balora_write_artefacts`), ``create_model_card``
 (adds BA-LoRA's section and tags to the host's card), ``push_to_hub`` / ``_push_from_checkpoint`` (what goes up),
 and ``_load_from_checkpoint`` / ``_load_best_model`` (load the trainable form from ``balora_resume/`` and restore
 the reference on resume).
@@ -20,40 +20,45 @@ import shutil
 import tempfile
 import weakref
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CONFIG_NAME, BALoRAConfig
-from .core import distributed
-from .core.card import CARD_NAME, TAGS, update_model_card
-from .core.export import (
+from .core import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     APPROXIMATE_REASON,
+    CARD_NAME,
     HELD_RESUME_DIR,
     INITIAL_DIR,
-    RESUME_DIR,
-    find_initial_adapter,
-    load_initial_adapter,
-    name_base_model,
-    resume_adapter_dir,
-    save_initial_adapter,
-    write_servable_layout,
-)
-from .core.objective import BALoRAObjective, LossScaling
-from .core.quantized import quantization_note
-from .core.reference import (
     REF_ADAPTER,
+    RESUME_DIR,
+    TAGS,
+    BALoRAObjective,
+    LossScaling,
+    adapter_is_sharded,
     adapter_state,
+    find_initial_adapter,
+    full_adapter_state,
     init_is_approximate,
     init_rewrites_base,
+    load_initial_adapter,
     lora_init,
+    name_base_model,
+    quantization_note,
     restore_residual_base,
+    resume_adapter_dir,
+    save_initial_adapter,
     unwrap,
+    update_model_card,
+    write_servable_layout,
 )
+from .engines import check_engine, full_state_dict_saving, prepare_reference_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,62 +70,123 @@ FSDP_STATE_PREFIX = (
 RESUME_HUB_STRATEGIES = ("checkpoint", "all_checkpoints")
 
 
+def metric_store() -> dict[str, defaultdict[str, list[float]]]:
+    """An empty per-mode store of micro-batch metrics: ``{"train": {name: [values]}, "eval": {...}}``."""
+    return {"train": defaultdict(list), "eval": defaultdict(list)}
+
+
+@dataclass
+class BALoRATrainerState:
+    """What a BA-LoRA trainer keeps besides its :class:`~balora_plugins.core.BALoRAObjective`, all initialised.
+
+    Made once per trainer (:meth:`BALoRATrainerMixin.balora_init`); a
+    :class:`~balora_plugins.callback.BALoRACallback` takes it along when it detaches and gives it back when it
+    attaches again, so the step-0 adapter and the placed reference model of the first attachment are the ones
+    every later save and resume uses.
+    """
+
+    metrics: dict[str, defaultdict[str, list[float]]] = field(default_factory=metric_store)
+    """The micro-batch ``balora/*`` metrics waiting for ``log``, for hosts without a metric store of their own
+    (the plain ``Trainer``); TRL's and axolotl's trainers write into theirs (``balora_record``)."""
+    step0_dir: str | None = None
+    """reference='precomputed' on a rewritten base: the temporary folder with the step-0 adapter, else None."""
+    placed_ref: tuple[nn.Module, nn.Module] | None = None
+    """(the explicit ``ref_model`` given, that model placed for the run's engine), else None."""
+    ref_state: dict[str, torch.Tensor] | None = None
+    """During ``save_model`` under an engine that shards the snapshot adapter: its gathered full weights."""
+    hold_resume: bool = False
+    """During ``push_to_hub`` when ``balora_resume/`` must not go up: it waits in ``_balora_resume.hold``."""
+
+
 class BALoRATrainerMixin:
     """Mix in *before* a ``transformers.Trainer`` subclass: ``class T(BALoRATrainerMixin, SFTTrainer)``.
 
-    Call :meth:`_balora_setup` once the host ``__init__`` has wrapped the model with PEFT.
+    Its ``__init__`` initialises BA-LoRA's state before the host's; call :meth:`balora_setup` once the host
+    ``__init__`` has wrapped the model with PEFT. An existing trainer instance gets the mixin through
+    :func:`mix_into` instead (the callback).
+
+    What other modules use: :meth:`balora_setup`, :meth:`balora_record` (overridden by hosts with a metric
+    store), :meth:`balora_write_artefacts`, :meth:`balora_update_card`, :meth:`balora_release` and
+    :attr:`balora_peft_model`.
     """
 
-    balora: BALoRAObjective
+    balora: BALoRAObjective | None
+    """The objective (None before :meth:`balora_setup`)."""
+    balora_state: BALoRATrainerState
 
-    def _balora_setup(
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.balora_init()
+        super().__init__(*args, **kwargs)
+
+    def balora_init(self, state: BALoRATrainerState | None = None) -> None:
+        """Initialise BA-LoRA's attributes: no objective yet, ``state`` (a fresh one when None)."""
+        self.balora = None
+        self.balora_state = state if state is not None else BALoRATrainerState()
+
+    def balora_setup(
         self, balora_config: BALoRAConfig | str | dict | None, ref_model=None, extra_plugins=()
     ) -> None:
+        """Build the objective for this trainer's PEFT model: checks the engine, the model and the data (a
+        precomputed reference), adds the reference snapshot, and places an explicit ``ref_model`` for the
+        engine. Errors are raised here, before step 1."""
         self.balora = BALoRAObjective(balora_config, ref_model=ref_model, extra_plugins=extra_plugins)
-        distributed.check_engine(self.accelerator, unwrap(self.model))
+        self.balora_state.metrics = metric_store()
+        check_engine(self.accelerator, self.balora_peft_model)
         self.balora.prepare(self.model)
         # a precomputed reference: every training example must have its rows, checked now
         self.balora.check_dataset(getattr(self, "train_dataset", None))
         if (
             self.balora.mode == "precomputed"
             and self.balora.rewrites_base
-            and self._balora_step0_dir() is None
+            and self.balora_state.step0_dir is None
         ):
             self._balora_save_step0()
         # prepare() keeps the step-0 snapshot whenever the base was rewritten, also with a separate reference model:
         # it is what turns the trained adapter into the plain LoRA users serve (core/export.py).
-        peft_model = unwrap(self.model)
-        add_tags = getattr(peft_model, "add_model_tags", None)  # into PEFT's card on every save_pretrained
+        # PEFT's card gets the tags on every save_pretrained
+        add_tags = getattr(self.balora_peft_model, "add_model_tags", None)
         if callable(add_tags):
             add_tags(list(TAGS))
         if ref_model is not None:
             self.balora.ref_model = self._balora_placed(ref_model)
 
-    def _balora_step0_dir(self) -> str | None:
-        return self.__dict__.get("_balora_step0")
+    def balora_release(self) -> BALoRATrainerState:
+        """Remove the objective's hooks and BA-LoRA's attributes from this trainer; returns the state, which
+        :func:`mix_into` gives back when BA-LoRA is mixed in again."""
+        if self.balora is not None:
+            self.balora.remove_hooks()
+        state = self.balora_state
+        del self.balora, self.balora_state
+        return state
+
+    @property
+    def balora_peft_model(self) -> nn.Module:
+        """The trained ``PeftModel`` (``self.model`` without compile / DDP / engine wrappers)."""
+        return unwrap(self.model)
 
     def _balora_save_step0(self) -> None:
         """reference='precomputed' on a rewritten base keeps no snapshot adapter in memory: the step-0 adapter, which
         the exports and every checkpoint need (core/export.py), goes to a temporary folder now (every rank: a
-        collective when an engine shards the adapter; the main process writes) and is copied into each save."""
-        peft_model = unwrap(self.model)
+        collective when an engine shards the adapter; the main process writes) and is copied into each save.
+        The folder lives as long as the state that names it."""
+        peft_model = self.balora_peft_model
         name = self.balora.adapter_name
-        state = distributed.full_adapter_state(peft_model, name, wrapped=self.model_wrapped)
+        state = full_adapter_state(peft_model, name, wrapped=self.model_wrapped)
         if not self.args.should_save:
             return
         folder = tempfile.mkdtemp(prefix="balora_step0_")
         save_initial_adapter(peft_model, folder, adapter_name=name, source=name, state=state)
-        weakref.finalize(self, shutil.rmtree, folder, True)
-        self.__dict__["_balora_step0"] = folder
+        weakref.finalize(self.balora_state, shutil.rmtree, folder, True)
+        self.balora_state.step0_dir = folder
 
-    def _balora_placed(self, ref_model):
+    def _balora_placed(self, ref_model: nn.Module) -> nn.Module:
         """``ref_model`` placed like TRL places its own reference model (DeepSpeed: an inference engine, sharded
         under ZeRO-3); once per model, since a callback attaches again to save."""
-        placed = getattr(self, "_balora_placed_ref", None)
+        placed = self.balora_state.placed_ref
         if placed is None or placed[0] is not ref_model:
-            placed = self._balora_placed_ref = (
+            placed = self.balora_state.placed_ref = (
                 ref_model,
-                distributed.prepare_reference_model(ref_model, self.accelerator),
+                prepare_reference_model(ref_model, self.accelerator),
             )
         return placed[1]
 
@@ -171,34 +237,30 @@ class BALoRATrainerMixin:
             model, batch, logits=logits, scaling=scaling, progress=progress, step=step, total_steps=total
         )
         metrics[TASK_LOSS] = task_loss_value(loss, scaling)
-        self._balora_record(metrics, "train" if training else "eval")
+        self.balora_record(metrics, "train" if training else "eval")
         if training:
             loss = loss + reg.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
-    def _balora_record(self, metrics: dict[str, float], mode: str) -> None:
-        """Keep one micro-batch's ``balora/...`` metrics until :meth:`log`.
+    def balora_record(self, metrics: dict[str, float], mode: str) -> None:
+        """Keep one micro-batch's ``balora/...`` metrics until :meth:`log` (``mode``: "train" or "eval").
 
         Hosts with a metric store of their own write there instead (TRL: ``self._metrics``; axolotl:
         ``store_metrics``) by overriding this method. The plain transformers ``Trainer`` has none, so the metrics
-        wait in ``_balora_metrics`` (created on first use) and :meth:`log` merges them into the record.
+        wait in ``balora_state.metrics`` and :meth:`log` merges them into the record.
         """
-        store = self.__dict__.setdefault(
-            "_balora_metrics", {"train": defaultdict(list), "eval": defaultdict(list)}
-        )
         for k, v in metrics.items():
-            store[mode][k].append(v)
+            self.balora_state.metrics[mode][k].append(v)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        stores = self.__dict__.get("_balora_metrics")
-        if stores is not None:
-            mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-            prefix = "eval_" if mode == "eval" else ""
-            for k, vals in stores[mode].items():
-                if vals:  # skip counts are running totals: the last one, not a mean
-                    logs[prefix + k] = vals[-1] if k.startswith("balora/skipped_") else sum(vals) / len(vals)
-            stores[mode].clear()
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        store = self.balora_state.metrics[mode]  # empty for hosts with their own store
+        prefix = "eval_" if mode == "eval" else ""
+        for k, vals in store.items():
+            if vals:  # skip counts are running totals: the last one, not a mean
+                logs[prefix + k] = vals[-1] if k.startswith("balora/skipped_") else sum(vals) / len(vals)
+        store.clear()
         return super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ saving and resuming
@@ -208,17 +270,17 @@ class BALoRATrainerMixin:
         if not self.args.should_save:
             return
         self.balora.config.save_pretrained(output_dir)
-        peft_model = unwrap(self.model)
-        gathered = getattr(self, "_balora_ref_state", None)  # when an engine shards it: see save_model
+        peft_model = self.balora_peft_model
+        gathered = self.balora_state.ref_state  # when an engine shards it: see save_model
         if REF_ADAPTER in peft_model.peft_config and (
             gathered is not None or find_initial_adapter(output_dir) is None
         ):
             save_initial_adapter(
                 peft_model, os.path.join(output_dir, INITIAL_DIR), REF_ADAPTER, state=gathered
             )
-        elif self._balora_step0_dir() is not None and find_initial_adapter(output_dir) is None:
+        elif self.balora_state.step0_dir is not None and find_initial_adapter(output_dir) is None:
             shutil.copytree(
-                self._balora_step0_dir(), os.path.join(output_dir, INITIAL_DIR), dirs_exist_ok=True
+                self.balora_state.step0_dir, os.path.join(output_dir, INITIAL_DIR), dirs_exist_ok=True
             )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -227,13 +289,13 @@ class BALoRATrainerMixin:
         # push_to_hub makes (save_model(_internal_call=True)) before it uploads args.output_dir.
         # Every rank calls save_model, the main process alone calls _save (transformers 5.16) and the engine's own
         # saving gathers parameters module by module: the snapshot is gathered here, before it (ZeRO-3, FSDP).
-        self._balora_ref_state = self._balora_full_reference()
+        self.balora_state.ref_state = self._balora_full_reference()
         try:
-            with distributed.full_state_dict_saving(self.accelerator):  # FSDP: the adapter files are written
+            with full_state_dict_saving(self.accelerator):  # FSDP: the adapter files are written
                 super().save_model(output_dir, _internal_call=_internal_call)
         finally:
-            self._balora_ref_state = None
-        self._balora_write_artefacts(output_dir if output_dir is not None else self.args.output_dir)
+            self.balora_state.ref_state = None
+        self.balora_write_artefacts(output_dir if output_dir is not None else self.args.output_dir)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # hub_strategy "every_save" / "checkpoint" / "all_checkpoints" push args.output_dir at every checkpoint, after
@@ -264,20 +326,20 @@ class BALoRATrainerMixin:
         """
         strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
         keep = self.balora.config.hub_push_resume or strategy in RESUME_HUB_STRATEGIES
-        self._balora_hold_resume = not keep
+        self.balora_state.hold_resume = not keep
         try:
             result = super().push_to_hub(*args, **kwargs)
             if not keep and hasattr(result, "result"):
                 result.result()  # a Future (blocking=False): the held folder goes back once it is uploaded
             return result
         finally:
-            self._balora_hold_resume = False
+            self.balora_state.hold_resume = False
             hold = os.path.join(self.args.output_dir, HELD_RESUME_DIR)
             if self.args.should_save and os.path.isdir(hold):
                 os.replace(hold, os.path.join(self.args.output_dir, RESUME_DIR))
-                self._balora_update_card(self.args.output_dir)  # the local card: balora_resume/ is here again
+                self.balora_update_card(self.args.output_dir)  # the local card: balora_resume/ is here again
 
-    def _balora_write_artefacts(self, output_dir: str) -> None:
+    def balora_write_artefacts(self, output_dir: str) -> None:
         """Give ``output_dir`` — a final save or a ``checkpoint-N/`` — the layout users serve (README "What you get
         after training").
 
@@ -291,7 +353,7 @@ class BALoRATrainerMixin:
         if not self.args.should_save:
             return
         self.balora.config.save_pretrained(output_dir)
-        init = unwrap(self.model).peft_config[self.balora.adapter_name].init_lora_weights
+        init = self.balora_peft_model.peft_config[self.balora.adapter_name].init_lora_weights
         if init_is_approximate(init):
             logger.warning(
                 "BA-LoRA: %s stays the adapter as trained (no plain LoRA: %s)", output_dir, APPROXIMATE_REASON
@@ -308,10 +370,8 @@ class BALoRATrainerMixin:
         if base is not None or residual is not None:
             name_base_model(output_dir, base)
         if os.path.isfile(os.path.join(output_dir, ADAPTER_CONFIG)):
-            self._balora_update_card(output_dir)
-        if getattr(self, "_balora_hold_resume", False) and os.path.isdir(
-            os.path.join(output_dir, RESUME_DIR)
-        ):
+            self.balora_update_card(output_dir)
+        if self.balora_state.hold_resume and os.path.isdir(os.path.join(output_dir, RESUME_DIR)):
             os.replace(os.path.join(output_dir, RESUME_DIR), os.path.join(output_dir, HELD_RESUME_DIR))
 
     def _balora_served_base(self) -> tuple[str | None, str | None]:
@@ -323,7 +383,7 @@ class BALoRATrainerMixin:
         original model when it differs from the residual (PEFT's recipe saves the pair from a model loaded by name),
         else the original is unknown. Otherwise (None, None): PEFT's name of the loaded model stays.
         """
-        peft_model = unwrap(self.model)
+        peft_model = self.balora_peft_model
         name = self.balora.adapter_name
         residual = None
         if self.balora.rewrites_base and not init_rewrites_base(lora_init(peft_model, name)):
@@ -338,10 +398,12 @@ class BALoRATrainerMixin:
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The host's card (TRL: its template; transformers / axolotl: TrainingSummary), then BA-LoRA's section."""
         super().create_model_card(*args, **kwargs)
-        if self.is_world_process_zero() and getattr(self, "balora", None) is not None:
-            self._balora_update_card(self.args.output_dir)
+        if self.is_world_process_zero() and self.balora is not None:
+            self.balora_update_card(self.args.output_dir)
 
-    def _balora_update_card(self, directory: str) -> None:
+    def balora_update_card(self, directory: str) -> None:
+        """Add BA-LoRA's section, tags and PEFT's metadata to the model card in ``directory`` (a final save or
+        a ``checkpoint-N/``; :func:`~balora_plugins.core.update_model_card`)."""
         # The host's own tags: TRL's `_tag_names`, axolotl's `tag_names` (both reach the card only on some paths).
         host_tags = [*getattr(self, "_tag_names", ()), *getattr(self, "tag_names", ())]
         repo_id = getattr(self, "hub_model_id", None) or getattr(self.args, "hub_model_id", None)
@@ -360,14 +422,14 @@ class BALoRATrainerMixin:
             repo_id=repo_id,
             residual=residual,
             engine_files=engine,
-            base_quantization=quantization_note(unwrap(self.model)),  # a 4-bit base: what serving means
+            base_quantization=quantization_note(self.balora_peft_model),  # a 4-bit base: what serving means
         )
 
     def _balora_full_reference(self) -> dict[str, torch.Tensor] | None:
         """The snapshot adapter's full weights when an engine shards them (a collective: every rank), else None."""
-        if REF_ADAPTER not in unwrap(self.model).peft_config:
+        if REF_ADAPTER not in self.balora_peft_model.peft_config:
             return None
-        return distributed.full_adapter_state(unwrap(self.model), REF_ADAPTER, wrapped=self.model_wrapped)
+        return full_adapter_state(self.balora_peft_model, REF_ADAPTER, wrapped=self.model_wrapped)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # A checkpoint (and a final output) holds the trainable form in balora_resume/, its root the converted plain
@@ -403,7 +465,7 @@ class BALoRATrainerMixin:
         peft_model = unwrap(model)
         if REF_ADAPTER not in peft_model.peft_config:
             return None
-        if distributed.adapter_is_sharded(peft_model, REF_ADAPTER, wrapped=model):
+        if adapter_is_sharded(peft_model, REF_ADAPTER, wrapped=model):
             init = lora_init(peft_model, self.balora.adapter_name)
             if isinstance(init, str) and "niter" in init.lower():
                 raise ValueError(
@@ -423,7 +485,7 @@ class BALoRATrainerMixin:
         initial adapter)."""
         peft_model = unwrap(model)
         if REF_ADAPTER not in peft_model.peft_config:
-            if self._balora_step0_dir() is not None:
+            if self.balora_state.step0_dir is not None:
                 self._balora_check_step0(checkpoint)
             return
         initial = find_initial_adapter(checkpoint)
@@ -453,19 +515,19 @@ class BALoRATrainerMixin:
                 "resume from a checkpoint written by a BA-LoRA trainer."
             )
         theirs = load_file(os.path.join(initial, ADAPTER_WEIGHTS))
-        mine = load_file(os.path.join(self._balora_step0_dir(), ADAPTER_WEIGHTS))
+        mine = load_file(os.path.join(self.balora_state.step0_dir, ADAPTER_WEIGHTS))
         same = theirs.keys() == mine.keys() and all(
             torch.allclose(theirs[k].float(), mine[k].float(), rtol=1e-5, atol=1e-7) for k in mine
         )
         if not same:
-            init = lora_init(unwrap(self.model), self.balora.adapter_name)
+            init = lora_init(self.balora_peft_model, self.balora.adapter_name)
             raise ValueError(
                 f"resuming with reference='precomputed': the checkpoint's step-0 adapter differs from this run's "
                 f"(init_lora_weights={init!r} drew another randomised SVD), so the frozen base is not the residual "
                 "the checkpoint was trained on, and no snapshot adapter is kept to set it back. Resume with "
                 "init_lora_weights='pissa' (exact, deterministic SVD), or with reference='auto'."
             )
-        shutil.copytree(initial, self._balora_step0_dir(), dirs_exist_ok=True)
+        shutil.copytree(initial, self.balora_state.step0_dir, dirs_exist_ok=True)
 
 
 TASK_LOSS = "balora/task_loss"
@@ -563,12 +625,16 @@ def refuse_overwriting_checkpoints(output_dir: str, *, resume: str, overwrite: s
     )
 
 
-def mix_into(trainer: Any) -> type:
-    """Swap ``trainer``'s class for a subclass with :class:`BALoRATrainerMixin` in front; returns the old class."""
+def mix_into(trainer: Any, state: BALoRATrainerState | None = None) -> type:
+    """Swap ``trainer``'s class for a subclass with :class:`BALoRATrainerMixin` in front and initialise
+    BA-LoRA's attributes (``state``: what :meth:`~BALoRATrainerMixin.balora_release` returned earlier, else a
+    fresh one), as the mixin's ``__init__`` does for a trainer built with it; returns the old class. Then call
+    :meth:`~BALoRATrainerMixin.balora_setup`."""
     cls = type(trainer)
     if issubclass(cls, BALoRATrainerMixin):
         return cls
     trainer.__class__ = type(
         f"BALoRA{cls.__name__}", (BALoRATrainerMixin, cls), {"__module__": cls.__module__}
     )
+    trainer.balora_init(state)
     return cls

@@ -30,10 +30,17 @@ from trl import SFTConfig, SFTTrainer
 
 from .arguments import INIT_FIELD, PAPER_INIT, PRESET_KEY, TRL, BALoRAFields, add_balora_fields, settings
 from .config import BALoRAConfig, default_preset
-from .core.card import PAPER, nearest_preset
-from .core.model import validate_model
-from .core.quantized import get_qpissa_model, wants_qpissa
-from .core.reference import is_peft_model, lora_init, resolve_mode, unwrap
+from .core import (
+    PAPER,
+    get_qpissa_model,
+    is_peft_model,
+    lora_init,
+    nearest_preset,
+    resolve_mode,
+    unwrap,
+    validate_model,
+    wants_qpissa,
+)
 from .trainer_mixin import BALoRATrainerMixin, refuse_overwriting_checkpoints
 
 __all__ = ["BALoRASFTConfig", "BALoRASFTTrainer", "sft_train_dataset"]
@@ -245,10 +252,10 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
         super().__init__(model, *args, **kwargs)
         if isinstance(ref_model, str):
             ref_model = self._balora_load_reference(ref_model)
-        self._balora_setup(config, ref_model=ref_model, extra_plugins=extra_plugins)
+        self.balora_setup(config, ref_model=ref_model, extra_plugins=extra_plugins)
         explicit = getattr(training_args, INIT_FIELD, None) is not None
         if not explicit and not self.balora.rewrites_base and any(v > 0 for v in config.lambdas.values()):
-            init = lora_init(unwrap(self.model), self.balora.adapter_name)
+            init = lora_init(self.balora_peft_model, self.balora.adapter_name)
             warnings.warn(
                 PLAIN_INIT_WARNING.format(init=init, preset=nearest_preset(config)[0]),
                 UserWarning,
@@ -264,7 +271,7 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
         """
         from trl.trainer.utils import create_model_from_path
 
-        base = unwrap(self.model)
+        base = self.balora_peft_model
         base = base.get_base_model() if is_peft_model(base) else base
         kwargs = dict(self.args.model_init_kwargs or {})
         kwargs.setdefault("dtype", base.dtype)
@@ -277,7 +284,7 @@ class BALoRASFTTrainer(BALoRATrainerMixin, SFTTrainer):
             reference.to(next(base.parameters()).device)
         return reference
 
-    def _balora_record(self, metrics: dict[str, float], mode: str) -> None:
+    def balora_record(self, metrics: dict[str, float], mode: str) -> None:
         """Write the micro-batch's ``balora/*`` metrics into TRL's store, which ``SFTTrainer.log`` averages and
         prefixes with ``eval_`` in evaluation. A skip count is a running total: kept as its latest value (as TRL
         keeps ``num_tokens``), so the log shows the count, not a mean of counts."""

@@ -73,7 +73,7 @@ def main(out: str, per_device: int, ga: int = 1) -> None:
         lambda_consistency=1.0, lambda_diversity=0.5, lambda_svd=0.0, diversity_top_k=8, **CONSTANT
     )
     trainer = T(model=model, args=args, train_dataset=dataset(), data_collator=collate)
-    trainer._balora_setup(cfg)
+    trainer.balora_setup(cfg)
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if ".default." in k}
     trainer.train()
     if trainer.args.process_index == 0:
@@ -86,6 +86,7 @@ def main(out: str, per_device: int, ga: int = 1) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
-    if torch.distributed.is_initialized():  # a group left to interpreter shutdown can abort a rank after success
+    # a group left to interpreter shutdown can abort a rank after success
+    if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

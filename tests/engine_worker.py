@@ -212,16 +212,16 @@ def main(argv=None) -> None:
 
 def engine_facts(trainer, model) -> dict:
     """What the run really was (so a test cannot pass on an engine that silently fell back to one process)."""
+    from balora_plugins import engines
     from balora_plugins.core import distributed
 
     head = model.get_base_model().get_output_embeddings().weight
-    placed = getattr(trainer, "_balora_placed_ref", None)  # the explicit ref_model as the run placed it
-    ref_model = None if placed is None else placed[1]
+    ref_model = trainer.balora.ref_model  # the explicit ref_model as the run placed it (None without one)
     return {
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
-        "zero_stage": distributed.zero_stage(trainer.accelerator),
-        "fsdp_version": distributed.fsdp_version(trainer.accelerator),
+        "zero_stage": engines.zero_stage(trainer.accelerator),
+        "fsdp_version": engines.fsdp_version(trainer.accelerator),
         "head_sharded": distributed.is_sharded(head)
         or distributed.fsdp1_root(trainer.model_wrapped) is not None,
         "ref_model": None if ref_model is None else type(ref_model).__name__,

@@ -90,7 +90,7 @@ def _trainer(out, model, config, *, steps=2, ref_model=None, **kw):
         train_dataset=_nlu_rows() if nlu else dataset(8),
         data_collator=default_data_collator if nlu else collate,
     )
-    trainer._balora_setup(config, ref_model=ref_model)
+    trainer.balora_setup(config, ref_model=ref_model)
     return trainer
 
 

@@ -123,7 +123,7 @@ def test_axolotl_train_on_two_cpu_processes(engine, tmp_path):
         pytest.importorskip("deepspeed")
     run_tiny = _run_tiny()
     run_tiny.build_assets(tmp_path, rows=ROWS)
-    base_digest = run_tiny._digest(tmp_path / "tiny-llama")
+    base_digest = run_tiny.digest(tmp_path / "tiny-llama")
     output = axolotl_train(tmp_path, overrides, launch)
 
     steps = run_tiny.logged_metrics(output)
@@ -138,7 +138,7 @@ def test_axolotl_train_on_two_cpu_processes(engine, tmp_path):
     assert (
         json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is True
     )  # the plain LoRA
-    assert run_tiny._digest(tmp_path / "tiny-llama") == base_digest, "the base checkpoint was modified"
+    assert run_tiny.digest(tmp_path / "tiny-llama") == base_digest, "the base checkpoint was modified"
     assert run_tiny.check_export(tmp_path, merged=False)["served_max_abs_err"] < 1e-4
     check_pissa_init(tmp_path)  # ZeRO-3 loads the model partitioned: PiSSA must have factorised whole weights
 

@@ -214,7 +214,7 @@ def test_loss_is_host_loss_plus_regularizer(task, host, tmp_path):
     n = int((batch["labels"][:, 1:] != -100).sum()) if task == "nlg" else len(batch["labels"])
     items = torch.tensor(n)
 
-    host_loss = cb._host_cls.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+    host_loss = cb.host_class.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
     fwd = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
@@ -379,6 +379,32 @@ def test_attach_after_construction(tmp_path):
     assert "balora/consistency" in trainer.state.log_history[0]
     cb.detach()
     assert type(trainer) is Trainer
+
+
+def test_detach_takes_the_state_along_and_attach_gives_it_back(tmp_path, monkeypatch):
+    """The mixin's state is initialised when BA-LoRA goes in; detach takes it out of the trainer (which is its
+    own class again, with none of BA-LoRA's attributes); a later attach gives the same state back, so an explicit
+    ref_model is placed for the engine once, not at every attach (save_model after detach attaches again)."""
+    import balora_plugins.trainer_mixin as mixin
+
+    placed = []
+    real = mixin.prepare_reference_model
+    monkeypatch.setattr(mixin, "prepare_reference_model", lambda m, acc: placed.append(m) or real(m, acc))
+    ref = tiny_llama()  # the pre-trained base the adapter is created on
+    trainer = Trainer(model=nlg_model(), args=targs(tmp_path), train_dataset=Rows(tensors("nlg")))
+    cb = BALoRACallback(BALoRAConfig(**NLG, reference="model"), ref_model=ref).attach(trainer)
+    state = trainer.balora_state
+    assert state.placed_ref[0] is ref and trainer.balora.ref_model is state.placed_ref[1]
+    assert state.step0_dir is None and state.ref_state is None and state.hold_resume is False
+    assert cb.host_class is Trainer and trainer.balora_peft_model is trainer.model
+    cb.detach()
+    assert type(trainer) is Trainer and cb.host_class is None
+    assert not any(hasattr(trainer, a) for a in ("balora", "balora_state"))
+    cb.save_model(str(tmp_path / "out"))  # attaches for the save, then detaches again
+    assert os.path.isfile(tmp_path / "out" / "balora_config.json") and type(trainer) is Trainer
+    cb.attach(trainer)
+    assert trainer.balora_state is state and trainer.balora.ref_model is state.placed_ref[1]
+    assert placed == [ref]
 
 
 def test_fails_loudly_when_no_trainer_is_on_the_stack(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from balora_plugins.core.distributed import _version
+from balora_plugins.engines import package_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "engine_worker.py")
@@ -170,7 +170,7 @@ def test_fsdp2_trl_killed_and_resumed_ends_where_one_process_ends(one_process, t
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    _version("peft") >= (0, 21),
+    package_version("peft") >= (0, 21),
     reason="PEFT >= 0.21 saves empty adapters under FSDP1: refused (tested with 0.20)",
 )
 def test_fsdp1_callback_matches_one_process(one_process, tmp_path):
@@ -212,35 +212,35 @@ def _accelerator(zero=None, fsdp=None, parallel=None):
     ],
 )
 def test_engine_settings_that_cannot_work_are_refused_by_name(accelerator, match):
-    from balora_plugins.core.distributed import check_engine
+    from balora_plugins.engines import check_engine
 
     with pytest.raises(ValueError, match=match):
         check_engine(accelerator)
 
 
 def test_fsdp1_is_refused_with_peft_021_and_the_supported_engines_pass(monkeypatch):
-    from balora_plugins.core import distributed
+    from balora_plugins import engines
 
     fsdp1 = _accelerator(fsdp=SimpleNamespace(fsdp_version=1, use_orig_params=True))
-    monkeypatch.setattr(distributed, "_version", lambda name: (0, 21))
+    monkeypatch.setattr(engines, "package_version", lambda name: (0, 21))
     with pytest.raises(ValueError, match=r"FSDP1 .*PEFT 0\.21.*FSDP2"):
-        distributed.check_engine(fsdp1)
-    monkeypatch.setattr(distributed, "_version", lambda name: (0, 20))
-    distributed.check_engine(fsdp1)
+        engines.check_engine(fsdp1)
+    monkeypatch.setattr(engines, "package_version", lambda name: (0, 20))
+    engines.check_engine(fsdp1)
     for ok in (
         _accelerator(),
         _accelerator(zero={"stage": 2}),
         _accelerator(zero={"stage": 3, "gather_16bit_weights_on_model_save": True}),  # the newer key name
         _accelerator(fsdp=SimpleNamespace(fsdp_version=2)),
     ):
-        distributed.check_engine(ok)
+        engines.check_engine(ok)
 
 
 def test_full_state_dict_saving_switches_only_for_the_block():
     pytest.importorskip("torch.distributed.fsdp")
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from balora_plugins.core.distributed import full_state_dict_saving
+    from balora_plugins.engines import full_state_dict_saving
 
     plugin = FullyShardedDataParallelPlugin.__new__(FullyShardedDataParallelPlugin)
     plugin.fsdp_version, plugin.state_dict_type = 2, None

@@ -286,7 +286,18 @@ def test_vlm_reference_is_the_pretrained_model_when_the_adapter_reaches_the_visi
     assert obj.backbone_path == replayed
     perturb(model)
     model(input_ids=ids, pixel_values=pixels, labels=labels)
-    torch.testing.assert_close(obj.reference_hidden(model), want, rtol=0, atol=1e-5)
+    # the reference forward replays exactly the `replayed` module: it runs, the module holding it does not
+    base = model.get_base_model()
+    replay = base.get_submodule(replayed)
+    holder = base.get_submodule(replayed.rpartition(".")[0])
+    ran = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: ran.append(m)) for m in (replay, holder)]
+    try:
+        torch.testing.assert_close(obj.reference_hidden(model), want, rtol=0, atol=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [replay]
 
 
 def test_loftq_reference_is_refused_unless_the_approximation_is_accepted():

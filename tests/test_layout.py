@@ -102,3 +102,113 @@ def test_the_objective_never_branches_on_the_task():
         f"core/objective.py reads .task on lines {reads} and by_items on lines {flags}; put what differs "
         "between the tasks in core/rows.py"
     )
+
+
+# ---------------------------------------------------------------------------------------------- doors and core
+CORE = PKG / "core"
+# the trainer mixin, engines, TRL, callback, axolotl
+DOORS = sorted(p for p in LIBRARY if CORE not in p.parents)
+
+
+def test_the_doors_use_the_core_only_through_its_exports():
+    """``trainer_mixin.py``, ``engines.py``, ``trl.py``, ``callback.py``, ``axolotl/*`` import the framework-free
+    core only as ``from balora_plugins.core import <name in core.__all__>`` — never a core submodule."""
+    import balora_plugins.core as core
+
+    assert len(DOORS) >= 8
+    problems = []
+    for path in DOORS:
+        for mod, names in _imports(path):
+            if mod.startswith("balora_plugins.core."):
+                problems.append(f"{path.relative_to(PKG)} imports {mod} (use balora_plugins.core)")
+            elif mod == "balora_plugins.core":
+                problems += [
+                    f"{path.relative_to(PKG)} imports {n!r}, not in balora_plugins.core.__all__"
+                    for n in names
+                    if n not in core.__all__
+                ]
+    assert not problems, "; ".join(problems)
+
+
+def test_the_core_holds_no_trainer_or_engine_settings_code():
+    """The core sees tensors and modules; accelerate objects and Trainers are the doors' (``engines.py``)."""
+    problems = []
+    for path in sorted(CORE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for mod, _ in _imports(path):
+            host = mod.split(".")[0] in ("accelerate", "trl", "axolotl")
+            if host or mod.startswith("transformers.trainer"):
+                problems.append(f"core/{path.name} imports {mod}")
+        for word in ("accelerator.state", "fsdp_plugin", "deepspeed_plugin", "self.accelerator"):
+            if word in text:
+                problems.append(f"core/{path.name} reads {word}")
+    assert not problems, "; ".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- private names
+ROOT = PKG.parent
+OURS = sorted(
+    p for d in ("balora_plugins", "integrations", "tests") for p in (ROOT / d).rglob("*.py") if p.is_file()
+)
+
+
+def _defined_private(tree: ast.AST) -> set[str]:
+    """The ``_names`` a module defines: functions, classes, methods, globals, class and ``self._x`` attributes
+    (not ``obj._x = ...`` on another library's object, e.g. PEFT's ``_active_adapter``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def _private_uses(tree: ast.AST) -> list[tuple[int, str, str]]:
+    """(line, name, how) for every ``from X import _name``, ``obj._name`` and ``getattr/setattr(obj, "_name")``."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            out += [(node.lineno, a.name, f"imports {a.name} from {node.module}") for a in node.names]
+        elif isinstance(node, ast.Attribute):
+            out.append((node.lineno, node.attr, f"reads .{node.attr}"))
+        elif isinstance(node, ast.Call):
+            fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            strings = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            if fn in ("getattr", "setattr", "hasattr", "delattr") and strings:
+                out.append((node.lineno, strings[0], f'{fn}(..., "{strings[0]}")'))
+    return [(line, n, how) for line, n, how in out if n.startswith("_") and not n.startswith("__")]
+
+
+def _host_names() -> set[str]:
+    """Private names the frameworks own that our code sets, overrides or reads (TRL's model-card attributes and
+    metric store, the ``Trainer`` methods the mixin overrides, torch's tensor and module internals): theirs."""
+    import torch
+    import transformers
+
+    hosts = (transformers.Trainer, torch.Tensor, torch.nn.Module)
+    return {"_tag_names", "_name", "_paper", "_metrics"} | {n for h in hosts for n in dir(h) if n[:1] == "_"}
+
+
+def test_no_module_reads_another_modules_private_names():
+    """What a module offers another is public: no ``_name`` defined in one of the package's, the recipes' or the
+    tests' files is imported, read or overridden in another (the framework's own internals aside). Finds, e.g., a
+    door calling the trainer mixin's ``_balora_setup`` or a test reading the callback's ``_host_cls``."""
+    host = _host_names()
+    trees = {p: ast.parse(p.read_text(encoding="utf-8")) for p in OURS}
+    own = {p: _defined_private(t) for p, t in trees.items()}
+    owners: dict[str, set[pathlib.Path]] = {}
+    for p, names in own.items():
+        for n in names:
+            owners.setdefault(n, set()).add(p)
+    problems = []
+    for path, tree in trees.items():
+        for line, name, how in _private_uses(tree):
+            elsewhere = owners.get(name, set()) - {path}
+            if name in own[path] or not elsewhere or name in host:
+                continue
+            problems.append(f"{path.relative_to(ROOT)}:{line} {how} (defined in {sorted(elsewhere)[0].name})")
+    assert not problems, "\n".join(problems)

@@ -190,28 +190,35 @@ def test_adaptive_weight_reads_the_stored_entropy(store):
     assert conf[0] > 0 and conf[1] == pytest.approx(conf[0], abs=1e-6)  # 1 − H/log|V|: fp32 cancellation
 
 
-def test_precompute_resumes_after_an_interruption(tmp_path, monkeypatch):
+class Reads(list):
+    """Examples that record which indices are read; reading index ``stop`` raises KeyboardInterrupt."""
+
+    def __init__(self, items, stop: int | None = None):
+        super().__init__(items)
+        self.stop, self.read = stop, []
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        if i == self.stop:
+            raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+def test_precompute_resumes_after_an_interruption(tmp_path):
     base, exs = tiny_llama(), examples(n=7)
     whole = str(tmp_path / "whole")
     precompute_reference(base, exs, whole, top_k=8, shard_size=2, progress=False)
     part = str(tmp_path / "part")
-    real, calls = pc._run_block, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pc, "_run_block", failing)
+    interrupted = Reads(exs, stop=4)  # an interruption inside the third shard (examples 4, 5)
     with pytest.raises(KeyboardInterrupt):
-        precompute_reference(base, exs, part, top_k=8, shard_size=2, progress=False)
+        precompute_reference(base, interrupted, part, top_k=8, shard_size=2, progress=False)
     assert json.load(open(os.path.join(part, pc.MANIFEST)))["done_examples"] == 4
     with pytest.raises(ValueError, match="unfinished"):
         pc.ReferenceStore(part)
-    monkeypatch.setattr(pc, "_run_block", real)
-    manifest = precompute_reference(base, exs, part, top_k=8, shard_size=2, progress=False)
-    assert manifest["complete"] and len(calls) == 3  # the first two shards were not recomputed
+    resumed = Reads(exs)
+    manifest = precompute_reference(base, resumed, part, top_k=8, shard_size=2, progress=False)
+    # the first two shards were not recomputed (example 0 is read for the run's header)
+    assert manifest["complete"] and {4, 5, 6} <= set(resumed.read) <= {0, 4, 5, 6}
     want = json.load(open(os.path.join(whole, pc.MANIFEST)))
     assert manifest["dataset_fingerprint"] == want["dataset_fingerprint"] and manifest["rows"] == want["rows"]
     with pytest.raises(FileExistsError, match="top_k"):

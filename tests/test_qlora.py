@@ -169,7 +169,7 @@ def test_pre_initialised_qpissa_pair_is_recognised(fp_dir, tmp_path):
 def test_qpissa_under_zero3_is_refused(fp_dir):
     from types import SimpleNamespace
 
-    from balora_plugins.core.distributed import check_engine
+    from balora_plugins.engines import check_engine
 
     model = get_qpissa_model(load_4bit(fp_dir), lora_config("pissa_niter_4", targets=TARGETS))
     zero = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
@@ -293,7 +293,7 @@ def test_explicit_full_precision_reference_measures_the_4bit_distance(fp_dir, tm
     model.train()
     batch = _rows(n=4)
     items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
-    host = cb._host_cls.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+    host = cb.host_class.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
     fwd = {k: v for k, v in batch.items() if k != "labels"}
     z, zr = logits(model, fwd["input_ids"]), logits(pretrained, fwd["input_ids"])

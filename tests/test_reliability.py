@@ -66,7 +66,7 @@ def _trainer(tmp_path, cfg, plugins=(), steps=3, save=False):
     trainer = T(
         model=lora(tiny_llama(), init="pissa"), args=args, train_dataset=dataset(8), data_collator=collate
     )
-    trainer._balora_setup(cfg, extra_plugins=plugins)
+    trainer.balora_setup(cfg, extra_plugins=plugins)
     return trainer
 
 

@@ -36,10 +36,17 @@ try:
     from axolotl.integrations.base import BasePlugin
     from axolotl.utils.logging import get_logger
 
-    from ..core.distributed import zero3_config_for_adapter_init
-    from ..core.model import validate_model
-    from ..core.quantized import qpissa_initialize, weight_source
-    from ..core.reference import REF_ADAPTER, init_rewrites_base, lora_init, prepare_reference, unwrap
+    from ..core import (
+        REF_ADAPTER,
+        init_rewrites_base,
+        lora_init,
+        prepare_reference,
+        qpissa_initialize,
+        unwrap,
+        validate_model,
+        weight_source,
+    )
+    from ..engines import zero3_config_for_adapter_init
     from . import compat
     from .args import (
         KERNEL_KEYS,
@@ -191,5 +198,5 @@ class BALoRAPlugin(BasePlugin):
             trainer.save_model(cfg.output_dir, _internal_call=True)
         else:
             # no process group any more: file operations on the main process only, on what axolotl saved
-            trainer._balora_write_artefacts(cfg.output_dir)
+            trainer.balora_write_artefacts(cfg.output_dir)
             self._trainer = None

@@ -31,8 +31,8 @@ from ..arguments import (
     settings,
 )
 from ..config import BALoRAConfig
-from ..core.distributed import config_zero_stage
-from ..core.reference import init_is_approximate, init_rewrites_base
+from ..core import init_is_approximate, init_rewrites_base
+from ..engines import config_zero_stage
 from ..trainer_mixin import refuse_overwriting_checkpoints
 from . import compat
 

@@ -44,9 +44,9 @@ class AxolotlBALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
                 "`plugins:` (axolotl then mixes BALoRATrainingArgsMixin into AxolotlTrainingArguments), or build "
                 "the arguments from a dataclass deriving from both."
             )
-        self._balora_setup(balora_config_from_cfg({k: getattr(self.args, k) for k in TRAINING_ARGS}))
+        self.balora_setup(balora_config_from_cfg({k: getattr(self.args, k) for k in TRAINING_ARGS}))
 
-    def _balora_record(self, metrics: dict[str, float], mode: str) -> None:
+    def balora_record(self, metrics: dict[str, float], mode: str) -> None:
         prefix = "eval_" if mode == "eval" else ""
         self.store_metrics(
             {

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ..config import PRESETS, BALoRAConfig
-from .export import read_adapter_config
+from .export import HELD_RESUME_DIR, RESUME_DIR, adapter_num_labels, read_adapter_config
 
 CITATION_KEY = "chang2026balora"
 CITATION = f"""@inproceedings{{{CITATION_KEY},
@@ -123,12 +123,11 @@ def card_section(
     None for a full-precision base; the card then says what serving on the full-precision base means.
     """
     from .. import __version__
-    from .export import HELD_RESUME_DIR, RESUME_DIR, _num_labels, _read_config
 
-    root = _read_config(directory) or {}
-    resume = _read_config(os.path.join(directory, RESUME_DIR))
-    held = resume is None and _read_config(os.path.join(directory, HELD_RESUME_DIR)) is not None
-    resume = resume or _read_config(os.path.join(directory, HELD_RESUME_DIR))
+    root = read_adapter_config(directory) or {}
+    resume = read_adapter_config(os.path.join(directory, RESUME_DIR))
+    held = resume is None and read_adapter_config(os.path.join(directory, HELD_RESUME_DIR)) is not None
+    resume = resume or read_adapter_config(os.path.join(directory, HELD_RESUME_DIR))
     trained = resume or root
     unknown = not root.get("base_model_name_or_path")
     base = root.get("base_model_name_or_path") or ("ORIGINAL_BASE_MODEL" if residual else "BASE_MODEL")
@@ -175,7 +174,7 @@ def card_section(
         ]
     if root.get("task_type") == "SEQ_CLS":
         try:
-            labels = f", num_labels={_num_labels(directory)}"
+            labels = f", num_labels={adapter_num_labels(directory)}"
         except (OSError, ValueError):
             labels = ""
         auto, extra = "AutoModelForSequenceClassification", labels

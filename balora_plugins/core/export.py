@@ -358,7 +358,7 @@ def export_merged(
         say(f"loading the base model {base} (dtype {dtype})")  # the CLI blames --base for failures from here
         refuse_quantised_merge_base(AutoConfig.from_pretrained(base), base)
         if cfg.get("task_type") == "SEQ_CLS":
-            num_labels = _num_labels(plain)
+            num_labels = adapter_num_labels(plain)
             model = AutoModelForSequenceClassification.from_pretrained(
                 base, num_labels=num_labels, dtype=load_dtype
             )
@@ -390,7 +390,9 @@ def refuse_quantised_merge_base(base_config, base: str) -> None:
         )
 
 
-def _num_labels(adapter_dir: str) -> int:
+def adapter_num_labels(adapter_dir: str) -> int:
+    """The number of classes of the classifier head saved in ``adapter_dir`` (an NLU adapter's
+    ``modules_to_save``)."""
     from safetensors import safe_open
 
     with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:

@@ -190,7 +190,8 @@ def check_card(workdir: Path) -> list[str]:
     return tags
 
 
-def _digest(folder: Path) -> str:
+def digest(folder: Path) -> str:
+    """A SHA-256 of the files directly in ``folder`` (names and bytes, in name order)."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
         h.update(p.name.encode() + p.read_bytes())
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     build_assets(workdir, hidden=args.hidden)
     cfg = preflight(workdir, dict(args.overrides))
     residual = str(cfg.get("peft_init_lora_weights") or "").startswith("pissa")
-    base_digest = _digest(workdir / "tiny-llama")
+    base_digest = digest(workdir / "tiny-llama")
     output = run_axolotl(workdir)
     steps = logged_metrics(output)
     missing = [m for m in METRICS if not steps or any(m not in s for s in steps)]
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_axolotl(
             workdir, "merge-lora"
         )  # merges output_dir (its lora_model_dir default) into output_dir/merged
-    if _digest(workdir / "tiny-llama") != base_digest:
+    if digest(workdir / "tiny-llama") != base_digest:
         raise AssertionError("the base checkpoint was modified")
     # the servable adapter on the untouched base and axolotl merge-lora's model, against the trained model
     # rebuilt independently from balora_resume/ (a plain-init root is the trained adapter itself: nothing to rebuild)

@@ -91,7 +91,6 @@ def main(argv=None) -> None:
     )
     model = get_peft_model(model, lora)
     settings = BALoRAArguments(**{k: getattr(args, k) for k in balora_field_names()})
-    balora = BALoRACallback(settings.to_balora_config(default_preset="iclr2026-nlg"))
     targs = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -116,8 +115,8 @@ def main(argv=None) -> None:
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
-        callbacks=[balora],  # the one line BA-LoRA adds
     )
+    BALoRACallback(settings.to_balora_config(default_preset="iclr2026-nlg")).attach(trainer)  # BA-LoRA's line
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]

@@ -81,7 +81,6 @@ def main(argv=None) -> None:
     )
     model = get_peft_model(model, lora)
     settings = BALoRAArguments(**{k: getattr(args, k) for k in balora_field_names()})
-    balora = BALoRACallback(settings.to_balora_config(default_preset="iclr2026-nlu"))
     targs = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -106,8 +105,8 @@ def main(argv=None) -> None:
         eval_dataset=rows(eval_idx),
         data_collator=DataCollatorWithPadding(tok),
         compute_metrics=accuracy,
-        callbacks=[balora],  # the one line BA-LoRA adds
     )
+    BALoRACallback(settings.to_balora_config(default_preset="iclr2026-nlu")).attach(trainer)  # BA-LoRA's line
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(args.output_dir)  # servable adapter + balora_config.json + card + balora_resume/
