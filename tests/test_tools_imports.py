@@ -99,3 +99,9 @@ def test_the_demo_labels_are_defined_once():
         and any(isinstance(t, ast.Name) and t.id == "LABELS" for t in node.targets)
     ]
     assert [d.split(":")[0] for d in defined] == ["tools/demo/settings.py"], defined
+
+
+def test_the_whole_package_has_no_import_cycle():
+    """The same rule for the library and the tools together: imports inside functions and under ``TYPE_CHECKING``
+    count, so a cycle cannot hide behind either."""
+    assert cycles(import_graph(PKG)) == []
