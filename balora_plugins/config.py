@@ -369,11 +369,8 @@ class BALoRAConfig:
 
     @property
     def lambdas(self) -> dict[str, float]:
-        return {
-            "consistency": self.lambda_consistency,
-            "diversity": self.lambda_diversity,
-            "svd": self.lambda_svd,
-        }
+        """The unscheduled weights, keyed by term name."""
+        return self.schedule.base
 
     @property
     def schedule(self) -> LambdaSchedule:
