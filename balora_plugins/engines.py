@@ -1,4 +1,4 @@
-"""The training engines a Trainer runs BA-LoRA under: DeepSpeed, FSDP1, FSDP2 (README "Multi-GPU").
+"""The training engines a Trainer runs BA-LoRA under: DeepSpeed, FSDP1, FSDP2 (docs/distributed.md).
 
 What BA-LoRA needs to know about the *engine settings* — the accelerate and DeepSpeed objects a ``Trainer`` (the
 shared :class:`~balora_plugins.trainer_mixin.BALoRATrainerMixin`, the axolotl plugin) runs with — in one place,
@@ -81,7 +81,7 @@ def fsdp_version(accelerator: Any) -> int | None:
 
 
 def check_engine(accelerator: Any, model: nn.Module | None = None) -> None:
-    """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (README, "Multi-GPU").
+    """Refuse, before step 1, engine settings BA-LoRA cannot train or save correctly (docs/distributed.md).
 
     Every message names the engine, the setting and what to use instead. ``model``: the trained model, for the
     checks that depend on it (a 4-bit QPiSSA residual under ZeRO-3).
