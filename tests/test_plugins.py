@@ -81,25 +81,34 @@ def test_builtins_come_through_the_entry_point_group():
     assert [t.name for t in collect_terms(CFG)] == ["consistency", "diversity", "svd"]
 
 
+def run_with_plugin(cfg, plugin, how: str, model, inputs):
+    """One objective step with ``plugin``'s terms, the plugin registered on the shared plugin manager for the step
+    (``how="register"``) or passed as ``extra_plugins``; returns (the term names, the host forward's output, the
+    loss, the metrics). The plugin is unregistered and the hooks removed whatever happens."""
+    pm = plugin_manager()
+    if how == "register":
+        pm.register(plugin, name="test-plugin")
+    obj = None
+    try:
+        obj = BALoRAObjective(cfg, extra_plugins=[plugin] if how == "extra_plugins" else ()).prepare(model)
+        out = model(**inputs)
+        loss, metrics = obj.compute(model, inputs)
+    finally:
+        if how == "register":
+            pm.unregister(name="test-plugin")
+        if obj is not None:
+            obj.remove_hooks()
+    return [t.name for t in obj.terms], out, loss, metrics
+
+
 @pytest.mark.parametrize("how", ["register", "extra_plugins"])
 def test_custom_term_changes_loss_and_shows_in_metrics(setup, how):
     model, inputs = setup
     base_obj = BALoRAObjective(CFG).prepare(model)
     base_loss, base_metrics = _run(base_obj, model, inputs)
     base_obj.remove_hooks()
-    plugin = Plugin(LogitNorm, Spread)
-    pm = plugin_manager()
-    if how == "register":
-        pm.register(plugin, name="test-custom-term")
-    try:
-        obj = BALoRAObjective(CFG, extra_plugins=[plugin] if how == "extra_plugins" else ()).prepare(model)
-        assert [t.name for t in obj.terms] == ["consistency", "diversity", "svd", "logit_norm", "spread"]
-        out = model(**inputs)
-        loss, metrics = obj.compute(model, inputs)
-    finally:
-        if how == "register":
-            pm.unregister(name="test-custom-term")
-        obj.remove_hooks()
+    names, out, loss, metrics = run_with_plugin(CFG, Plugin(LogitNorm, Spread), how, model, inputs)
+    assert names == ["consistency", "diversity", "svd", "logit_norm", "spread"]
     z = Fn.select_positions(out.logits.detach(), inputs["labels"])
     norm, spread = z.pow(2).mean(-1).mean(), z.var()
     torch.testing.assert_close(

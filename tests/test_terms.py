@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 from conftest import CONSTANT, batch, lora, tiny_llama
+from test_plugins import run_with_plugin
 
 from balora_plugins import BALoRAConfig
 from balora_plugins import functional as Fn
@@ -228,18 +229,8 @@ def test_extending_example_runs_through_the_objective(how):
     model(**inputs)
     base_loss, _ = base.compute(model, inputs)
     base.remove_hooks()
-    pm = plugin_manager()
-    if how == "register":
-        pm.register(ex, name="test-z-loss")
-    try:
-        obj = BALoRAObjective(cfg, extra_plugins=[ex] if how == "extra_plugins" else ()).prepare(model)
-        assert [t.name for t in obj.terms][-1] == "z_loss"
-        out = model(**inputs)
-        loss, metrics = obj.compute(model, inputs)
-    finally:
-        if how == "register":
-            pm.unregister(name="test-z-loss")
-        obj.remove_hooks()
+    names, out, loss, metrics = run_with_plugin(cfg, ex, how, model, inputs)
+    assert names[-1] == "z_loss"
     z = Fn.select_positions(out.logits.detach(), inputs["labels"])
     zl = torch.logsumexp(z, -1).square().mean()
     torch.testing.assert_close(loss.detach(), base_loss.detach() + 1e-4 * zl, rtol=1e-5, atol=1e-7)
