@@ -174,12 +174,18 @@ def balora_names(message: str) -> str:
     return re.sub(r"BALoRAConfig\.(\w+)", PREFIX + r"\1", message)
 
 
+def preset_of(values: Mapping[str, Any], door: Door, default_preset: str = DEFAULT_PRESET) -> str:
+    """The preset a door's ``balora_*`` values train: ``balora_preset``, else the door's default, else
+    ``default_preset``."""
+    return values.get(PRESET_KEY) or door.default_preset or default_preset
+
+
 def config_from_settings(
     values: Mapping[str, Any], door: Door, default_preset: str = DEFAULT_PRESET
 ) -> BALoRAConfig:
     """The ``BALoRAConfig`` a door's ``balora_*`` values describe: ``balora_preset`` (else the door's default,
     else ``default_preset``) with every set (not None) setting as an override. Errors name the ``balora_*`` keys."""
-    preset = values.get(PRESET_KEY) or door.default_preset or default_preset
+    preset = preset_of(values, door, default_preset)
     if preset not in door.presets:
         raise ValueError(
             f"{PRESET_KEY}={preset!r} is not allowed; {door.limits}choose one of {list(door.presets)}."
@@ -270,8 +276,9 @@ class BALoRAFields:
 
     def effective_settings(self, default_preset: str = DEFAULT_PRESET) -> dict[str, Any]:
         """Every ``balora_*`` field with the value that trains (unset ones: the preset's), and the preset."""
-        config = self.to_balora_config(default_preset)
-        preset = self.balora_preset or self.balora_door.default_preset or default_preset
+        values = self.balora_values()
+        config = config_from_settings(values, self.balora_door, default_preset)
+        preset = preset_of(values, self.balora_door, default_preset)
         return {PRESET_KEY: preset, **{s.key: getattr(config, s.name) for s in settings(self.balora_door)}}
 
     def adapter_init(self) -> bool | str | None:
