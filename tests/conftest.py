@@ -42,6 +42,14 @@ CONSTANT = {
 }  # every term on from step 1
 
 
+def close_process_group() -> None:
+    """Tear a worker's process group down before the interpreter exits: a gloo group left to the interpreter's
+    shutdown can abort a rank ("terminate called without an active exception") after a run that succeeded."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import CONSTANT, lora, tiny_llama  # noqa: E402
+from conftest import CONSTANT, close_process_group, lora, tiny_llama  # noqa: E402
 
 from balora_plugins import BALoRAConfig  # noqa: E402
 from balora_plugins.trainer_mixin import BALoRATrainerMixin  # noqa: E402
@@ -86,7 +86,4 @@ def main(out: str, per_device: int, ga: int = 1) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
-    # a group left to interpreter shutdown can abort a rank after success
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_process_group()

@@ -228,16 +228,8 @@ def engine_facts(trainer, model) -> dict:
     }
 
 
-def close() -> None:
-    """Tear the process group down before the interpreter exits: a gloo group left to the interpreter's shutdown can
-    abort a rank ("terminate called without an active exception") after a run that succeeded."""
-    import torch
-
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 if __name__ == "__main__":
     main()
-    close()
+    from conftest import close_process_group  # after main(): torch is imported once the engine is configured
+
+    close_process_group()
